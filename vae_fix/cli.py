@@ -1,0 +1,45 @@
+"""`python -m vae_fix <command>`: exit 0 on success, 2 with a one-paragraph message on bad input."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+
+from . import commands
+from .errors import VAEFixError
+
+ORDER = ["demo", "inspect", "convert", "influence", "stats", "compare", "repair"]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's default is exit code 2 too, but with usage spam
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _command_modules():
+    found = {m.name for m in pkgutil.iter_modules(commands.__path__)}
+    names = [n for n in ORDER if n in found] + sorted(found - set(ORDER))
+    return [importlib.import_module(f"{commands.__name__}.{n}") for n in names]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m vae_fix", description="Inspect, measure and fix VAEs (KL-F8 family and relatives).")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for mod in _command_modules():
+        p = sub.add_parser(mod.NAME, help=mod.HELP, description=mod.HELP)
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except (VAEFixError, FileNotFoundError, IsADirectoryError, PermissionError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

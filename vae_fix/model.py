@@ -1,0 +1,302 @@
+"""A KL autoencoder in the CompVis layout, its whole configuration read off the state dict.
+
+Covers SD1.x/2.x and SDXL (4 latent channels, quant_conv), SD3/Flux style (16 channels, no
+quant_conv), retrained 8/16-channel VAEs and other widths and depths. Parameter names are the
+CompVis ones (`encoder.down.0.block.0.conv1.weight`, ...), so a CompVis state dict loads as is.
+
+Layouts: images `[B, 3, H, W]` in -1..1; moments `[B, 2C, h, w]` (mean then raw log-variance);
+latents `[B, C, h, w]` in raw VAE space (no family scale or shift).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NORM_GROUPS = 32  # every KL-F8 family uses GroupNorm(32, eps=1e-6)
+NORM_EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    in_channels: int = 3
+    out_channels: int = 3
+    base_channels: int = 128
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2          # encoder blocks per level; the decoder has one more
+    z_channels: int = 4              # channels between encoder/decoder and the 1×1 quant convs
+    latent_channels: int = 4         # C of the latent (embed_dim when quant_conv exists)
+    double_z: bool = True            # encoder outputs mean and log-variance
+    use_quant_conv: bool = True
+    use_post_quant_conv: bool = True
+    mid_attention: bool = True
+    attn_levels: tuple[int, ...] = ()  # levels with attention inside the down/up blocks (rare)
+    decoder_kind: str = "kl"         # "kl", or "none" when the file's decoder is of another kind
+    norm_groups: int = NORM_GROUPS
+
+    @property
+    def downscale(self) -> int:
+        return 2 ** (len(self.channel_mult) - 1)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, groups: int):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, c_in, eps=NORM_EPS)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm2 = nn.GroupNorm(groups, c_out, eps=NORM_EPS)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.nin_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else None
+
+    def forward(self, x):
+        h = self.conv1(_silu(self.norm1(x)))
+        h = self.conv2(_silu(self.norm2(h)))
+        return (self.nin_shortcut(x) if self.nin_shortcut is not None else x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all h·w positions; 1×1 convs as in CompVis."""
+
+    def __init__(self, c: int, groups: int):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, c, eps=NORM_EPS)
+        self.q, self.k, self.v = (nn.Conv2d(c, c, 1) for _ in range(3))
+        self.proj_out = nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        n = self.norm(x)
+        q, k, v = (m(n).reshape(b, 1, c, h * w).transpose(2, 3) for m in (self.q, self.k, self.v))
+        a = F.scaled_dot_product_attention(q, k, v)  # [B, 1, hw, C]
+        return x + self.proj_out(a.transpose(2, 3).reshape(b, c, h, w))
+
+
+class Downsample(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, stride=2)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # asymmetric pad: right and bottom only
+
+
+class Upsample(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Level(nn.Module):
+    """One resolution level: `block` (ResnetBlocks), optional `attn`, optional resampler."""
+
+    def __init__(self, blocks, attns, resample_name: str | None, resample: nn.Module | None):
+        super().__init__()
+        self.block = nn.ModuleList(blocks)
+        self.attn = nn.ModuleList(attns)
+        if resample_name:
+            setattr(self, resample_name, resample)
+        self._resample = resample_name
+
+    def forward(self, x):
+        for i, blk in enumerate(self.block):
+            x = blk(x)
+            if len(self.attn):
+                x = self.attn[i](x)
+        return getattr(self, self._resample)(x) if self._resample else x
+
+
+class Mid(nn.Module):
+    def __init__(self, c: int, groups: int, attention: bool):
+        super().__init__()
+        self.block_1 = ResnetBlock(c, c, groups)
+        self.attn_1 = AttnBlock(c, groups) if attention else None
+        self.block_2 = ResnetBlock(c, c, groups)
+
+    def forward(self, x):
+        x = self.block_1(x)
+        if self.attn_1 is not None:
+            x = self.attn_1(x)
+        return self.block_2(x)
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        g, ch, mult = cfg.norm_groups, cfg.base_channels, cfg.channel_mult
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
+        levels, c_in = [], ch
+        for i, m in enumerate(mult):
+            c_out = ch * m
+            blocks = [ResnetBlock(c_in if j == 0 else c_out, c_out, g) for j in range(cfg.num_res_blocks)]
+            attns = [AttnBlock(c_out, g) for _ in blocks] if i in cfg.attn_levels else []
+            last = i == len(mult) - 1
+            levels.append(Level(blocks, attns, None if last else "downsample", None if last else Downsample(c_out)))
+            c_in = c_out
+        self.down = nn.ModuleList(levels)
+        self.mid = Mid(c_in, g, cfg.mid_attention)
+        self.norm_out = nn.GroupNorm(g, c_in, eps=NORM_EPS)
+        self.conv_out = nn.Conv2d(c_in, cfg.z_channels * (2 if cfg.double_z else 1), 3, padding=1)
+
+    def forward(self, x):
+        x = self.conv_in(x)
+        for level in self.down:
+            x = level(x)
+        return self.conv_out(_silu(self.norm_out(self.mid(x))))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        g, ch, mult = cfg.norm_groups, cfg.base_channels, cfg.channel_mult
+        c = ch * mult[-1]
+        self.conv_in = nn.Conv2d(cfg.z_channels, c, 3, padding=1)
+        self.mid = Mid(c, g, cfg.mid_attention)
+        levels = [None] * len(mult)
+        for i in reversed(range(len(mult))):  # built deepest first, stored by level index
+            c_out = ch * mult[i]
+            blocks = [ResnetBlock(c if j == 0 else c_out, c_out, g) for j in range(cfg.num_res_blocks + 1)]
+            attns = [AttnBlock(c_out, g) for _ in blocks] if i in cfg.attn_levels else []
+            levels[i] = Level(blocks, attns, "upsample" if i else None, Upsample(c_out) if i else None)
+            c = c_out
+        self.up = nn.ModuleList(levels)
+        self.norm_out = nn.GroupNorm(g, c, eps=NORM_EPS)
+        self.conv_out = nn.Conv2d(c, cfg.out_channels, 3, padding=1)
+
+    def forward(self, z):
+        x = self.mid(self.conv_in(z))
+        for level in reversed(self.up):
+            x = level(x)
+        return self.conv_out(_silu(self.norm_out(x)))
+
+
+class AutoencoderKL(nn.Module):
+    """Encoder → quant_conv → moments; latent → post_quant_conv → decoder."""
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        self.config = cfg
+        z, c = cfg.z_channels, cfg.latent_channels
+        self.encoder = Encoder(cfg)
+        self.quant_conv = nn.Conv2d(2 * z, 2 * c, 1) if cfg.use_quant_conv else None
+        has_decoder = cfg.decoder_kind == "kl"
+        self.post_quant_conv = nn.Conv2d(c, z, 1) if cfg.use_post_quant_conv and has_decoder else None
+        self.decoder = Decoder(cfg) if has_decoder else None
+
+    @property
+    def has_decoder(self) -> bool:
+        return self.decoder is not None
+
+    def moments(self, x: torch.Tensor) -> torch.Tensor:
+        """`[B, 3, H, W]` in -1..1 → `[B, 2C, h, w]`: mean, then raw (unclamped) log-variance."""
+        h = self.encoder(x)
+        return self.quant_conv(h) if self.quant_conv is not None else h
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """The posterior mean `[B, C, h, w]` (what ComfyUI's VAE Encode returns)."""
+        return self.moments(x)[:, : self.config.latent_channels]
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """`[B, C, h, w]` raw latent → `[B, 3, H, W]`, nominally -1..1 (not clamped)."""
+        if self.decoder is None:
+            raise RuntimeError("this VAE's decoder is not a KL decoder; only its encoder was loaded")
+        if self.post_quant_conv is not None:
+            z = self.post_quant_conv(z)
+        return self.decoder(z)
+
+
+def _silu(x):
+    # In place when no graph is recorded: saves one activation-sized allocation per call.
+    return F.silu(x, inplace=not torch.is_grad_enabled())
+
+
+# ---------------------------------------------------------------- configuration from shapes
+
+def _indices(keys, pattern: str) -> list[int]:
+    rx = re.compile(pattern)
+    return sorted({int(m.group(1)) for k in keys if (m := rx.match(k))})
+
+
+def is_foreign_decoder(sd: Mapping[str, torch.Tensor]) -> bool:
+    """True for decoders that are not plain KL decoders (SVD's temporal decoder: time_stack, mix_factor)."""
+    return any(k.startswith("decoder.") and ("time_" in k or "mix_factor" in k) for k in sd)
+
+
+def infer_config(sd: Mapping[str, torch.Tensor]) -> VAEConfig:
+    """Read the whole configuration off a CompVis-layout state dict (no prefix).
+
+    Raises KeyError naming the first missing key that the shapes are read from; the loader turns
+    that into a VAELoadError.
+    """
+    def shape(key):
+        if key not in sd:
+            raise KeyError(key)
+        return tuple(sd[key].shape)
+
+    keys = list(sd)
+    ch, c_img = shape("encoder.conv_in.weight")[:2]
+    levels = _indices(keys, r"encoder\.down\.(\d+)\.")
+    if not levels:
+        raise KeyError("encoder.down.0.block.0.conv1.weight")
+    mult = tuple(shape(f"encoder.down.{i}.block.0.conv2.weight")[0] // ch for i in levels)
+    n_res = len(_indices(keys, r"encoder\.down\.0\.block\.(\d+)\."))
+    attn_levels = tuple(i for i in levels if f"encoder.down.{i}.attn.0.q.weight" in sd)
+    enc_out = shape("encoder.conv_out.weight")[0]
+    foreign = is_foreign_decoder(sd)
+    has_decoder = any(k.startswith("decoder.") for k in keys) and not foreign
+    if has_decoder:
+        z = shape("decoder.conv_in.weight")[1]
+        out_ch = shape("decoder.conv_out.weight")[0]
+    else:
+        z, out_ch = enc_out // 2, c_img
+    double_z = enc_out == 2 * z
+    quant = "quant_conv.weight" in sd
+    latent = shape("quant_conv.weight")[0] // 2 if quant else z
+    return VAEConfig(
+        in_channels=c_img, out_channels=out_ch, base_channels=ch, channel_mult=mult,
+        num_res_blocks=n_res, z_channels=z, latent_channels=latent, double_z=double_z,
+        use_quant_conv=quant, use_post_quant_conv="post_quant_conv.weight" in sd,
+        mid_attention="encoder.mid.attn_1.q.weight" in sd, attn_levels=attn_levels,
+        decoder_kind="kl" if has_decoder else "none",
+    )
+
+
+# ---------------------------------------------------------------- presets for tests and benchmarks
+
+FAMILY_PRESETS: dict[str, dict] = {
+    # Full-size layouts of the published VAEs (random weights are built from these in tests).
+    "sd": dict(channel_mult=(1, 2, 4, 4), z_channels=4, latent_channels=4),
+    "sdxl": dict(channel_mult=(1, 2, 4, 4), z_channels=4, latent_channels=4),
+    "sd3": dict(channel_mult=(1, 2, 4, 4), z_channels=16, latent_channels=16,
+                use_quant_conv=False, use_post_quant_conv=False),
+    "flux": dict(channel_mult=(1, 2, 4, 4), z_channels=16, latent_channels=16,
+                 use_quant_conv=False, use_post_quant_conv=False),
+    "retrained8": dict(channel_mult=(1, 2, 4, 4), z_channels=8, latent_channels=8),
+}
+
+
+def preset_config(family: str, small: bool = False, **overrides) -> VAEConfig:
+    """A config in a family's real layout; `small=True` shrinks widths and depth for fast tests."""
+    if family not in FAMILY_PRESETS:
+        raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILY_PRESETS)}")
+    kw = dict(FAMILY_PRESETS[family])
+    if small:
+        kw.update(base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1)
+    kw.update(overrides)
+    return VAEConfig(**kw)
+
+
+def random_vae(cfg: VAEConfig, seed: int = 0) -> AutoencoderKL:
+    """A VAE with seeded random weights (PyTorch's default init), in eval mode."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoencoderKL(cfg).eval()
