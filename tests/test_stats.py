@@ -1,0 +1,71 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from vae_fix.errors import InputError
+from vae_fix.families import FAMILIES, families_with_channels, get_family
+from vae_fix.stats import histogram_image, latent_stats
+
+
+def test_stats_match_numpy_and_imply_scale():
+    g = torch.Generator().manual_seed(1)
+    # channel c has mean c and std 1/0.18215 → SD1-like scale
+    z = torch.randn(3, 4, 16, 16, generator=g) / 0.18215 + torch.arange(4.0).view(1, 4, 1, 1)
+    s = latent_stats(z)
+    json.dumps(s)  # JSON-safe
+    assert s["shape"] == [3, 4, 16, 16] and s["values_per_channel"] == 3 * 256
+    for ch in s["channels"]:
+        vals = z[:, ch["channel"]].double().flatten().numpy()
+        assert ch["mean"] == pytest.approx(vals.mean())
+        assert ch["std"] == pytest.approx(vals.std())
+        assert ch["min"] == pytest.approx(vals.min()) and ch["max"] == pytest.approx(vals.max())
+        assert ch["percentiles"]["50"] == pytest.approx(np.median(vals))
+        assert ch["percentiles"]["1"] < ch["percentiles"]["5"] < ch["percentiles"]["95"] < ch["percentiles"]["99"]
+        assert ch["implied_shift"] == pytest.approx(ch["mean"])
+        assert ch["implied_scale"] == pytest.approx(0.18215, rel=0.1)
+    sd1 = next(f for f in s["families"] if f["name"] == "sd1")
+    assert sd1["channels_match"] and sd1["scale"] == 0.18215
+    flux = next(f for f in s["families"] if f["name"] == "flux")
+    assert not flux["channels_match"]
+
+
+def test_stats_count_nonfinite_and_skip_them():
+    z = torch.zeros(1, 2, 4, 4)
+    z[0, 1, 0, 0] = float("nan")
+    z[0, 1, 0, 1] = float("inf")
+    s = latent_stats(z)
+    assert s["channels"][1]["nonfinite"] == 2 and s["overall"]["nonfinite"] == 2
+    assert s["channels"][1]["max"] == 0.0 and s["channels"][1]["implied_scale"] is None
+    json.dumps(s)
+
+
+def test_stats_reject_bad_latent():
+    with pytest.raises(InputError, match="latent"):
+        latent_stats(torch.zeros(4, 8, 8))
+
+
+@pytest.mark.parametrize("c", [4, 12])
+def test_histogram_image_has_a_panel_per_channel(c):
+    z = torch.randn(1, c, 8, 8)
+    z[0, 0, 0, 0] = 500.0  # a spike must not squash the other panels
+    img = histogram_image(z, columns=4)
+    assert img.shape[0] == 3 and img.shape[1] == -(-c // 4) * 170 and img.shape[2] == 4 * 300
+    assert 0.0 <= float(img.min()) and float(img.max()) <= 1.0
+    bars = (img[2] > 0.7) & (img[0] < 0.4)  # bar blue
+    for i in range(c):
+        r, col = divmod(i, 4)
+        assert bars[r * 170:(r + 1) * 170, col * 300:(col + 1) * 300].sum() > 200, f"panel {i} has no bars"
+
+
+def test_families_data():
+    assert [f.name for f in families_with_channels(4)] == ["sd1", "sdxl"]
+    assert [f.name for f in families_with_channels(16)] == ["sd3", "flux"]
+    for f in FAMILIES.values():
+        assert len(f.rgb_factors) == f.channels and all(len(r) == 3 for r in f.rgb_factors)
+    assert get_family("SD15").name == "sd1" and get_family("flux").shift == 0.1159
+    z = torch.randn(1, 16, 2, 2)
+    torch.testing.assert_close(get_family("sd3").to_raw(get_family("sd3").to_model_space(z)), z)
+    with pytest.raises(InputError, match="unknown latent family 'sd9'"):
+        get_family("sd9")

@@ -1,0 +1,190 @@
+"""Per-channel edits of latents `[B, C, h, w]`, any channel count, optionally masked and per item.
+
+Every edit returns a new tensor (inputs are never modified). A mask (`[H, W]`, `[B, H, W]` or
+`[B, 1, H, W]`, 0..1, in image pixels or on the latent grid) is resized to the latent grid and used
+as a soft blend weight: `out = z + mask * (edited - z)`. Items not chosen by `batch` stay as they are.
+
+Selections are strings: channels `"all"`, `"0,2"`, `"1-3"`, `"0,4-7"`; batch the same (`"all"` or
+empty = every item). Ranges are inclusive.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+
+from .errors import InputError
+
+OPS = ("scale", "offset", "clamp", "soft_clamp", "normalize", "zero", "invert", "swap", "copy")
+_ALL = ("all", "*")
+
+
+def parse_indices(spec, count: int, name: str, what: str, empty_means_all: bool = False) -> list[int]:
+    """`"all"`, `"0,2"`, `"1-3"`, ints or lists of ints → sorted-as-written unique indices < count."""
+    example = "'all', '0,2' or '1-3'"
+    if isinstance(spec, int) and not isinstance(spec, bool):
+        parts = [str(spec)]
+    elif isinstance(spec, (list, tuple)):
+        parts = [str(int(s)) for s in spec]
+    else:
+        text = str(spec if spec is not None else "").strip().lower()
+        if text in _ALL or (not text and empty_means_all):
+            return list(range(count))
+        if not text:
+            raise InputError(name, f"no {what} selected", f"{what} indices such as {example}")
+        parts = [p.strip() for p in text.split(",") if p.strip()]
+    out: list[int] = []
+    for part in parts:
+        lo, sep, hi = part.partition("-")
+        try:
+            first, last = int(lo), int(hi if sep else lo)
+        except ValueError:
+            raise InputError(name, f"cannot read {part!r}", f"{what} indices such as {example}") from None
+        if first > last:
+            raise InputError(name, f"range {part!r} runs backwards", f"low-high with low <= high, e.g. '1-3'")
+        for i in range(first, last + 1):
+            if i >= count:
+                raise InputError(name, f"{what} {i} is out of range for {count} {what}s",
+                                 f"indices 0-{count - 1}, e.g. {example}")
+            if i not in out:
+                out.append(i)
+    return out
+
+
+def parse_channels(spec, channels: int, name: str = "channels") -> list[int]:
+    return parse_indices(spec, channels, name, "channel")
+
+
+def parse_batch(spec, batch: int, name: str = "batch") -> list[int]:
+    return parse_indices(spec, batch, name, "batch item", empty_means_all=True)
+
+
+def check_latent(z, name: str = "latent") -> torch.Tensor:
+    if not isinstance(z, torch.Tensor) or z.dim() != 4:
+        got = f"shape {list(z.shape)}" if isinstance(z, torch.Tensor) else type(z).__name__
+        raise InputError(name, f"got {got}", "a tensor [B, C, h, w]")
+    if not z.is_floating_point():
+        raise InputError(name, f"dtype {z.dtype} is not floating point", "a float tensor")
+    return z
+
+
+def mask_to_grid(mask, batch: int, h: int, w: int, name: str = "mask") -> torch.Tensor:
+    """A mask in image pixels or on the latent grid → blend weights `[B, 1, h, w]` in 0..1."""
+    m = torch.as_tensor(mask).detach().float()
+    if m.dim() == 2:
+        m = m[None, None]
+    elif m.dim() == 3:
+        m = m[:, None]
+    elif not (m.dim() == 4 and m.shape[1] == 1):
+        raise InputError(name, f"shape {list(m.shape)}", "[H, W], [B, H, W] or [B, 1, H, W]")
+    if m.shape[0] not in (1, batch):
+        raise InputError(name, f"{m.shape[0]} masks for {batch} latents", f"1 mask or {batch}")
+    mh, mw = m.shape[-2:]
+    if (mh, mw) != (h, w):
+        if abs(mh / h - mw / w) > 0.1 * max(mh / h, mw / w):
+            raise InputError(name, f"size {mh}x{mw} does not match the latent's aspect ({h}x{w} cells)",
+                             f"the image size ({h}x{w} times the VAE's downscale) or {h}x{w}")
+        # Shrinking: each cell takes the mean of its pixel block (soft only where the mask is).
+        m = F.adaptive_avg_pool2d(m, (h, w)) if mh >= h and mw >= w else \
+            F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)
+    return m.clamp(0, 1).expand(batch, 1, h, w)
+
+
+def _weighted_moments(x: torch.Tensor, weight: torch.Tensor):
+    """Per item and channel mean and std of `x [B, C, h, w]` under `weight [B, 1, h, w]`."""
+    total = weight.sum(dim=(2, 3), keepdim=True).clamp_min(1e-8)
+    mean = (x * weight).sum(dim=(2, 3), keepdim=True) / total
+    var = ((x - mean) ** 2 * weight).sum(dim=(2, 3), keepdim=True) / total
+    return mean, var.sqrt()
+
+
+def _target_channels(target, count: int, sources: list[int], op: str) -> list[int]:
+    if target is None or str(target).strip() == "":
+        raise InputError("target", f"'{op}' needs target channels", "channel indices, as many as the source channels")
+    dst = parse_channels(target, count, "target")
+    if len(dst) != len(sources):
+        raise InputError("target", f"{len(dst)} target channels for {len(sources)} source channels",
+                         "one target channel per source channel")
+    if op == "swap" and set(dst) & set(sources):
+        raise InputError("target", "swap source and target channels overlap", "disjoint channel sets")
+    return dst
+
+
+def _edited(op: str, z: torch.Tensor, ch: list[int], weight: torch.Tensor, p: dict) -> torch.Tensor:
+    out = z.clone()
+    sel = z[:, ch]
+    if op == "scale":
+        out[:, ch] = sel * p["factor"]
+    elif op == "offset":
+        out[:, ch] = sel + p["offset"]
+    elif op == "clamp":
+        out[:, ch] = sel.clamp(p["low"], p["high"])
+    elif op == "soft_clamp":
+        out[:, ch] = p["limit"] * torch.tanh(sel / p["limit"])
+    elif op == "normalize":
+        mean, std = _weighted_moments(sel, weight)
+        out[:, ch] = (sel - mean) / std.clamp_min(1e-8) * p["std"] + p["mean"]
+    elif op == "zero":
+        out[:, ch] = 0.0
+    elif op == "invert":
+        out[:, ch] = -sel
+    elif op == "swap":
+        out[:, ch], out[:, p["target"]] = z[:, p["target"]], sel
+    elif op == "copy":
+        out[:, p["target"]] = sel
+    return out
+
+
+def _check_params(op: str, factor, offset, low, high, limit, mean, std) -> None:
+    if op not in OPS:
+        raise InputError("op", f"unknown operation {op!r}", f"one of {', '.join(OPS)}")
+    numbers = (("factor", factor), ("offset", offset), ("limit", limit), ("mean", mean), ("std", std))
+    for name, value in numbers:
+        if not torch.isfinite(torch.tensor(float(value))):
+            raise InputError(name, f"{value} is not a finite number", "a finite number")
+    if op == "clamp":
+        if low is None and high is None:
+            raise InputError("low/high", "clamp needs at least one bound", "a number for low, high or both")
+        if low is not None and high is not None and low > high:
+            raise InputError("low/high", f"low {low} is above high {high}", "low <= high")
+    if op == "soft_clamp" and limit <= 0:
+        raise InputError("limit", f"{limit} is not positive", "a limit > 0 (output stays inside ±limit)")
+    if op == "normalize" and std < 0:
+        raise InputError("std", f"{std} is negative", "a target std >= 0")
+
+
+def edit_channels(z: torch.Tensor, op: str, channels="all", *, factor: float = 1.0, offset: float = 0.0,
+                  low: float | None = None, high: float | None = None, limit: float = 3.0,
+                  mean: float = 0.0, std: float = 1.0, target=None, mask=None, batch="all") -> torch.Tensor:
+    """Apply one channel operation to `z [B, C, h, w]`; returns a new tensor of the same dtype.
+
+    op: scale (× factor), offset (+ offset), clamp (to low..high), soft_clamp (limit·tanh(x/limit)),
+    normalize (to mean/std per item and channel, statistics taken under the mask), zero, invert
+    (x → -x), swap (channels ↔ target), copy (channels → target).
+    """
+    check_latent(z)
+    _check_params(op, factor, offset, low, high, limit, mean, std)
+    b, c, h, w = z.shape
+    ch = parse_channels(channels, c)
+    items = parse_batch(batch, b)
+    weight = torch.ones(b, 1, h, w, device=z.device) if mask is None else mask_to_grid(mask, b, h, w).to(z.device)
+    chosen = torch.zeros(b, 1, 1, 1, device=z.device)
+    chosen[items] = 1.0
+    weight = weight * chosen
+    params = dict(factor=factor, offset=offset, low=low, high=high, limit=limit, mean=mean, std=std)
+    if op in ("swap", "copy"):
+        params["target"] = _target_channels(target, c, ch, op)
+    zf = z.detach().float()
+    edited = _edited(op, zf, ch, weight, params)
+    blended = torch.where(weight > 0, torch.lerp(zf, edited, weight), zf)  # no NaN from 0·inf outside
+    return blended.to(z.dtype)
+
+
+def edit_latent(latent: Mapping, op: str, **kwargs) -> dict:
+    """ComfyUI LATENT dict → a new dict with edited `samples`; every other key is kept as is."""
+    if not isinstance(latent, Mapping) or not isinstance(latent.get("samples"), torch.Tensor):
+        raise InputError("latent", "no 'samples' tensor", "a LATENT dict with 'samples' [B, C, h, w]")
+    out = dict(latent)
+    out["samples"] = edit_channels(latent["samples"], op, **kwargs)
+    return out
