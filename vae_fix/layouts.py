@@ -1,0 +1,252 @@
+"""Key layouts of KL VAE state dicts: detection, prefix stripping, diffusers ↔ CompVis.
+
+CompVis (a.k.a. ldm / sgm) names are what `vae_fix.model.AutoencoderKL` and ComfyUI's
+`comfy.sd.VAE` use: `encoder.down.0.block.0.conv1.weight`, `decoder.up.3.upsample.conv.weight`,
+`encoder.mid.attn_1.q.weight` (attention weights as 1×1 convs `[C, C, 1, 1]`).
+diffusers names: `encoder.down_blocks.0.resnets.0.conv1.weight`, `decoder.up_blocks.0...` (up blocks
+numbered deepest first), `encoder.mid_block.attentions.0.to_q.weight` (Linear `[C, C]`; older files
+use `query/key/value/proj_attn`, some store 1×1 convs). SVD's temporal decoder maps to the sgm
+`VideoDecoder` names (`time_stack`, `mix_factor`, `conv_out.time_mix_conv`).
+
+Every function returns new dicts holding the same tensors (reshaped views for attention weights):
+the input is never modified.
+"""
+from __future__ import annotations
+
+import re
+from typing import Mapping
+
+import torch
+
+from .errors import InputError, VAELoadError
+from .model import VAEConfig, is_foreign_decoder
+
+PREFIXES = ("first_stage_model.", "vae.", "")  # whole SD checkpoints, bundles, bare VAE files
+TRAINING_LEFTOVERS = ("loss.", "model_ema.")   # CompVis training checkpoints keep these beside the VAE
+VAE_ROOTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
+
+_DIFFUSERS_MARK = re.compile(r"^(encoder|decoder)\.(down_blocks|up_blocks|mid_block|conv_norm_out)\.")
+_COMPVIS_MARK = re.compile(r"^(encoder|decoder)\.(down\.\d+|up\.\d+|mid|norm_out)\.")
+_ATTN_WEIGHT = re.compile(r"\.(attn_1|attn\.\d+)\.(q|k|v|proj_out)\.weight$")
+
+# Names inside one block, (diffusers, CompVis); the first diffusers spelling is the one written.
+_RESNET_PARTS = [
+    ("conv_shortcut.", "nin_shortcut."),
+    ("spatial_res_block.conv_shortcut.", "nin_shortcut."),
+    ("spatial_res_block.", ""),
+    ("temporal_res_block.norm1.", "time_stack.in_layers.0."),
+    ("temporal_res_block.conv1.", "time_stack.in_layers.2."),
+    ("temporal_res_block.norm2.", "time_stack.out_layers.0."),
+    ("temporal_res_block.conv2.", "time_stack.out_layers.3."),
+    ("time_mixer.mix_factor", "mix_factor"),
+]
+_ATTN_PARTS = [
+    ("group_norm.", "norm."),
+    ("to_q.", "q."), ("query.", "q."),
+    ("to_k.", "k."), ("key.", "k."),
+    ("to_v.", "v."), ("value.", "v."),
+    ("to_out.0.", "proj_out."), ("proj_attn.", "proj_out."),
+]
+
+
+# ---------------------------------------------------------------- detection and prefixes
+
+def detect_layout(keys) -> str:
+    """'compvis', 'diffusers', 'mixed' (both kinds of names) or 'unknown', for keys without prefix."""
+    keys = list(keys)
+    diffusers = any(_DIFFUSERS_MARK.match(k) for k in keys)
+    compvis = any(_COMPVIS_MARK.match(k) for k in keys)
+    if diffusers and compvis:
+        return "mixed"
+    return "diffusers" if diffusers else "compvis" if compvis else "unknown"
+
+
+def find_prefix(keys) -> str | None:
+    """The prefix the VAE lives under ('first_stage_model.', 'vae.' or ''), or None if there is no VAE."""
+    keys = list(keys)
+    for prefix in PREFIXES:
+        if any(k.startswith(prefix + "encoder.") or k.startswith(prefix + "decoder.") for k in keys):
+            return prefix
+    return None
+
+
+def split_vae_keys(sd: Mapping[str, torch.Tensor], prefix: str) -> tuple[dict, list[str]]:
+    """(VAE tensors with the prefix removed, names of every other key)."""
+    vae, ignored = {}, []
+    for key, value in sd.items():
+        name = key[len(prefix):] if key.startswith(prefix) else None
+        if name is None or name.startswith(TRAINING_LEFTOVERS) or (prefix and not name.startswith(VAE_ROOTS)):
+            ignored.append(key)
+        else:
+            vae[name] = value
+    return vae, ignored
+
+
+def to_compvis(sd: Mapping[str, torch.Tensor], source: str = "<state dict>") -> tuple[dict, str, str, list[str]]:
+    """Any supported layout → (CompVis state dict without prefix, source layout, prefix, ignored keys).
+
+    Ignored keys are the non-VAE keys of a whole checkpoint and training leftovers (`loss.*`,
+    `model_ema.*`). Names that match no rule pass through unchanged so a strict check reports them.
+    Raises VAELoadError (naming `source`) when there is no VAE or the names mix both layouts.
+    """
+    keys = list(sd)
+    prefix = find_prefix(keys)
+    if prefix is None:
+        raise VAELoadError(
+            source, f"not a VAE: none of its {len(keys)} keys is an encoder or decoder weight",
+            "keys such as 'encoder.conv_in.weight' (CompVis) or 'encoder.down_blocks.0...' (diffusers), "
+            "bare or under 'first_stage_model.' or 'vae.'", keys)
+    vae, ignored = split_vae_keys(sd, prefix)
+    layout = detect_layout(vae)
+    if layout == "mixed":
+        diffusers_keys = [k for k in vae if _DIFFUSERS_MARK.match(k)]
+        raise VAELoadError(source, "its key names mix the CompVis and diffusers layouts",
+                           "one layout throughout", diffusers_keys)
+    if layout == "diffusers":
+        vae = diffusers_to_compvis(vae)
+    return vae, ("compvis" if layout == "unknown" else layout), prefix, ignored
+
+
+# ---------------------------------------------------------------- diffusers → CompVis
+
+def _n_up_levels(keys, pattern: str) -> int:
+    found = [int(m.group(1)) for k in keys if (m := re.match(pattern, k))]
+    return max(found) + 1 if found else 0
+
+
+def _swap_parts(tail: str, parts, forward: bool) -> str:
+    for diffusers, compvis in parts:
+        src, dst = (diffusers, compvis) if forward else (compvis, diffusers)
+        if src and tail.startswith(src):
+            return dst + tail[len(src):]
+    return tail
+
+
+def _diffusers_block_to_compvis(rest: str, n_up: int) -> str:
+    """One key below `encoder.`/`decoder.` from diffusers to CompVis names."""
+    rules = [
+        (r"down_blocks\.(\d+)\.resnets\.(\d+)\.", lambda i, j: f"down.{i}.block.{j}.", _RESNET_PARTS),
+        (r"down_blocks\.(\d+)\.attentions\.(\d+)\.", lambda i, j: f"down.{i}.attn.{j}.", _ATTN_PARTS),
+        (r"down_blocks\.(\d+)\.downsamplers\.0\.", lambda i: f"down.{i}.downsample.", ()),
+        (r"up_blocks\.(\d+)\.resnets\.(\d+)\.", lambda i, j: f"up.{n_up - 1 - i}.block.{j}.", _RESNET_PARTS),
+        (r"up_blocks\.(\d+)\.attentions\.(\d+)\.", lambda i, j: f"up.{n_up - 1 - i}.attn.{j}.", _ATTN_PARTS),
+        (r"up_blocks\.(\d+)\.upsamplers\.0\.", lambda i: f"up.{n_up - 1 - i}.upsample.", ()),
+        (r"mid_block\.resnets\.(\d+)\.", lambda j: f"mid.block_{j + 1}.", _RESNET_PARTS),
+        (r"mid_block\.attentions\.0\.", lambda: "mid.attn_1.", _ATTN_PARTS),
+        (r"conv_norm_out\.", lambda: "norm_out.", ()),
+        (r"time_conv_out\.", lambda: "conv_out.time_mix_conv.", ()),
+    ]
+    for pattern, name, parts in rules:
+        if m := re.match(pattern, rest):
+            head = name(*(int(g) for g in m.groups()))
+            return head + _swap_parts(rest[m.end():], parts, forward=True)
+    return rest
+
+
+def diffusers_to_compvis(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers names (no prefix) → CompVis names; Linear attention weights `[C, C]` → `[C, C, 1, 1]`."""
+    n_up = _n_up_levels(sd, r"decoder\.up_blocks\.(\d+)\.")
+    out = {}
+    for key, value in sd.items():
+        root, dot, rest = key.partition(".")
+        name = f"{root}.{_diffusers_block_to_compvis(rest, n_up)}" if root in ("encoder", "decoder") and dot else key
+        if _ATTN_WEIGHT.search(name) and value.dim() == 2:
+            value = value.reshape(*value.shape, 1, 1)
+        out[name] = value
+    return out
+
+
+# ---------------------------------------------------------------- CompVis → diffusers
+
+def _compvis_resnet_tail(tail: str, temporal: bool) -> str:
+    """The part after `...block.j.`; SVD's video decoder splits each resnet in spatial/temporal."""
+    if not temporal:
+        return _swap_parts(tail, _RESNET_PARTS[:1], forward=False)
+    if tail.startswith(("time_stack.", "mix_factor")):
+        return _swap_parts(tail, _RESNET_PARTS[3:], forward=False)
+    return "spatial_res_block." + _swap_parts(tail, _RESNET_PARTS[:1], forward=False)
+
+
+def _compvis_block_to_diffusers(rest: str, n_up: int, temporal: bool) -> str:
+    """One key below `encoder.`/`decoder.` from CompVis to diffusers names."""
+    resnet = "resnet"
+    rules = [
+        (r"down\.(\d+)\.block\.(\d+)\.", lambda i, j: f"down_blocks.{i}.resnets.{j}.", resnet),
+        (r"down\.(\d+)\.attn\.(\d+)\.", lambda i, j: f"down_blocks.{i}.attentions.{j}.", _ATTN_PARTS),
+        (r"down\.(\d+)\.downsample\.", lambda i: f"down_blocks.{i}.downsamplers.0.", ()),
+        (r"up\.(\d+)\.block\.(\d+)\.", lambda i, j: f"up_blocks.{n_up - 1 - i}.resnets.{j}.", resnet),
+        (r"up\.(\d+)\.attn\.(\d+)\.", lambda i, j: f"up_blocks.{n_up - 1 - i}.attentions.{j}.", _ATTN_PARTS),
+        (r"up\.(\d+)\.upsample\.", lambda i: f"up_blocks.{n_up - 1 - i}.upsamplers.0.", ()),
+        (r"mid\.block_(\d+)\.", lambda j: f"mid_block.resnets.{j - 1}.", resnet),
+        (r"mid\.attn_1\.", lambda: "mid_block.attentions.0.", _ATTN_PARTS),
+        (r"norm_out\.", lambda: "conv_norm_out.", ()),
+        (r"conv_out\.time_mix_conv\.", lambda: "time_conv_out.", ()),
+    ]
+    for pattern, name, parts in rules:
+        if m := re.match(pattern, rest):
+            head, tail = name(*(int(g) for g in m.groups())), rest[m.end():]
+            if parts is resnet:
+                return head + _compvis_resnet_tail(tail, temporal)
+            return head + _swap_parts(tail, parts, forward=False)
+    return rest
+
+
+def compvis_to_diffusers(sd: Mapping[str, torch.Tensor], config: VAEConfig | None = None) -> dict[str, torch.Tensor]:
+    """CompVis names (no prefix) → diffusers names (`to_q`… with Linear `[C, C]` attention weights).
+
+    `config` is accepted for symmetry with `diffusers_config`; the level count is read off the keys.
+    """
+    n_up = _n_up_levels(sd, r"decoder\.up\.(\d+)\.")
+    if config is not None and config.decoder_kind == "kl":
+        n_up = len(config.channel_mult)
+    temporal = is_foreign_decoder(sd)
+    out = {}
+    for key, value in sd.items():
+        root, dot, rest = key.partition(".")
+        if _ATTN_WEIGHT.search(key) and value.dim() == 4:
+            value = value.reshape(value.shape[0], value.shape[1])
+        if root in ("encoder", "decoder") and dot:
+            key = f"{root}.{_compvis_block_to_diffusers(rest, n_up, temporal and root == 'decoder')}"
+        out[key] = value
+    return out
+
+
+# ---------------------------------------------------------------- diffusers config.json
+
+DIFFUSERS_EXTRA_FIELDS = ("scaling_factor", "shift_factor", "latents_mean", "latents_std", "force_upcast", "sample_size")
+
+
+def diffusers_config(config: VAEConfig, extra: Mapping | None = None) -> dict:
+    """The `config.json` diffusers' `AutoencoderKL` needs for `config`.
+
+    `extra` supplies what the weights cannot tell (scaling_factor, shift_factor, latents_mean/std,
+    force_upcast, sample_size), e.g. from the config.json the VAE was read with; diffusers' defaults
+    apply to whatever is left out.
+    """
+    if config.decoder_kind != "kl":
+        raise InputError("VAE config", "it has no KL decoder, and diffusers' AutoencoderKL needs one",
+                         "a VAE whose encoder and decoder were both loaded")
+    if config.z_channels != config.latent_channels or not config.double_z:
+        raise InputError("VAE config", f"z_channels={config.z_channels} differs from latent_channels="
+                         f"{config.latent_channels} (or the encoder is not double_z), which diffusers cannot express",
+                         "the CompVis layout for this VAE")
+    levels = range(len(config.channel_mult))
+    out = {
+        "_class_name": "AutoencoderKL",
+        "in_channels": config.in_channels,
+        "out_channels": config.out_channels,
+        "down_block_types": ["AttnDownEncoderBlock2D" if i in config.attn_levels else "DownEncoderBlock2D" for i in levels],
+        "up_block_types": ["AttnUpDecoderBlock2D" if i in config.attn_levels else "UpDecoderBlock2D" for i in reversed(levels)],
+        "block_out_channels": [config.base_channels * m for m in config.channel_mult],
+        "layers_per_block": config.num_res_blocks,
+        "act_fn": "silu",
+        "latent_channels": config.latent_channels,
+        "norm_num_groups": config.norm_groups,
+        "use_quant_conv": config.use_quant_conv,
+        "use_post_quant_conv": config.use_post_quant_conv,
+        "mid_block_add_attention": config.mid_attention,
+    }
+    for name in DIFFUSERS_EXTRA_FIELDS:
+        if extra and name in extra:
+            out[name] = extra[name]
+    return out
