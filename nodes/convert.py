@@ -1,0 +1,62 @@
+"""ComfyUI wire types ↔ engine tensors. Pure torch: no host imports, never modifies its inputs.
+
+IMAGE (ComfyUI): `[B, H, W, C]` float 0..1. Engine images: `[B, 3, H, W]` float 0..1.
+LATENT (ComfyUI): a dict whose `samples` is `[B, C, h, w]` in raw VAE space; other keys
+(`noise_mask`, `batch_index`, `type`, ...) must survive every edit.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..vae_fix.errors import InputError
+
+IMAGE_EXPECTED = "a ComfyUI IMAGE: float tensor [B, H, W, 3] in 0..1 (e.g. from Load Image)"
+
+
+def image_to_engine(image, name: str = "image") -> torch.Tensor:
+    """IMAGE `[B, H, W, C]` → engine `[B, 3, H, W]` float32 (a new tensor). Alpha is dropped,
+    one-channel images are repeated to RGB."""
+    if not isinstance(image, torch.Tensor):
+        raise InputError(name, f"got {type(image).__name__}", IMAGE_EXPECTED)
+    if image.dim() == 3:  # a single image without its batch dimension
+        image = image.unsqueeze(0)
+    if image.dim() != 4 or image.shape[-1] not in (1, 3, 4):
+        raise InputError(name, f"has shape {tuple(image.shape)}", IMAGE_EXPECTED)
+    x = image[..., :3] if image.shape[-1] != 1 else image.expand(*image.shape[:-1], 3)
+    return x.movedim(-1, 1).float().contiguous()
+
+
+def engine_to_image(x: torch.Tensor) -> torch.Tensor:
+    """Engine `[3, H, W]` or `[B, 3, H, W]` 0..1 → IMAGE `[B, H, W, 3]` float32 on the CPU."""
+    if x.dim() == 3:
+        x = x.unsqueeze(0)
+    return x.movedim(1, -1).float().clamp(0.0, 1.0).cpu().contiguous()
+
+
+def images_to_batch(images: list[torch.Tensor]) -> torch.Tensor:
+    """A list of engine `[3, H, W]` images of possibly different sizes → one IMAGE batch.
+
+    ComfyUI batches need one size: smaller images are padded with black at the bottom/right.
+    """
+    h = max(i.shape[-2] for i in images)
+    w = max(i.shape[-1] for i in images)
+    out = torch.zeros(len(images), h, w, 3)
+    for n, img in enumerate(images):
+        out[n, : img.shape[-2], : img.shape[-1]] = engine_to_image(img)[0]
+    return out
+
+
+def latent_samples(latent, name: str = "latent") -> torch.Tensor:
+    """The `[B, C, h, w]` samples of a LATENT dict (not a copy: callers must not modify it)."""
+    samples = latent.get("samples") if isinstance(latent, dict) else None
+    if not isinstance(samples, torch.Tensor) or samples.dim() != 4:
+        got = tuple(samples.shape) if isinstance(samples, torch.Tensor) else type(latent).__name__
+        raise InputError(name, f"got {got}", "a ComfyUI LATENT with 'samples' of shape [B, C, h, w]")
+    return samples
+
+
+def with_samples(latent: dict, samples: torch.Tensor) -> dict:
+    """A copy of a LATENT dict with new samples; every other key (noise_mask, batch_index, ...) kept."""
+    out = dict(latent)
+    out["samples"] = samples
+    return out
