@@ -122,3 +122,43 @@ def test_diffusers_config_builds_the_same_model():
     rebuilt = diffusers.AutoencoderKL(**{k: v for k, v in layouts.diffusers_config(cfg).items() if not k.startswith("_")})
     assert {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()} == \
         {k: tuple(v.shape) for k, v in reference.state_dict().items()}
+
+
+# ---------------------------------------------------------------- through real files
+
+@pytest.mark.parametrize("quant,latent", [(True, 4), (False, 16)])
+def test_diffusers_save_pretrained_folder_loads_and_matches(tmp_path, quant, latent):
+    from vae_fix.loader import load_vae
+    reference = diffusers_kl((32, 64, 64), 2, latent, quant, seed=11)
+    reference.save_pretrained(tmp_path / "vae")  # diffusers' own writer: real config.json and weights file
+    loaded = load_vae(tmp_path / "vae")
+    assert loaded.file.container == "diffusers-folder" and loaded.file.extra_config["scaling_factor"] == 0.18215
+    moments_err, image_err = compare(reference, loaded.model)
+    assert moments_err <= TOL and image_err <= TOL, (moments_err, image_err)
+
+
+def diffusers_temporal(seed=0):
+    model = diffusers.AutoencoderKLTemporalDecoder(
+        block_out_channels=(32, 64, 64), down_block_types=("DownEncoderBlock2D",) * 3, layers_per_block=2, latent_channels=4)
+    return randomize_(model, seed).eval()
+
+
+def test_svd_temporal_vae_encoder_matches_diffusers(tmp_path):
+    """SVD's VAE: diffusers folder and the sgm (CompVis) layout both load encoder-only, same moments."""
+    from safetensors.torch import save_file
+    from vae_fix.loader import load_vae
+    reference = diffusers_temporal(seed=5)
+    reference.save_pretrained(tmp_path / "svd_vae")
+    sgm, layout, _, _ = layouts.to_compvis(reference.state_dict())
+    # names of ComfyUI's comfy/ldm/modules/temporal_ae.py VideoDecoder
+    assert {"decoder.mid.block_1.time_stack.in_layers.2.weight", "decoder.mid.block_2.mix_factor",
+            "decoder.up.0.block.2.time_stack.out_layers.3.bias", "decoder.conv_out.time_mix_conv.weight"} <= set(sgm)
+    save_file({f"first_stage_model.{k}": v.contiguous() for k, v in sgm.items()}, str(tmp_path / "svd.safetensors"))
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    with torch.no_grad():
+        ref = reference.encode(x).latent_dist.parameters
+        for path in (tmp_path / "svd_vae", tmp_path / "svd.safetensors"):
+            loaded = load_vae(path)
+            assert loaded.config.decoder_kind == "none"
+            assert any("decoder not loaded" in n for n in loaded.file.notes)
+            assert rel_err(loaded.model.moments(x), ref) <= TOL, path

@@ -15,6 +15,7 @@ folder_bin (… + diffusion_pytorch_model.bin), pipeline (a pipeline folder with
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -42,17 +43,19 @@ def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     1-D `weight`s (GroupNorm scales) ~ 1 + 0.2·N, biases ~ 0.1·N, other tensors ~ N / sqrt(fan_in).
     Default inits leave norms at (1, 0) and some biases tiny, which would hide layout mistakes.
     """
-    g = torch.Generator().manual_seed(seed)
+    params = list(module.named_parameters())
+    noise = torch.randn(sum(p.numel() for _, p in params), generator=torch.Generator().manual_seed(seed))
+    offset = 0
     with torch.no_grad():
-        for name, p in module.named_parameters():
-            noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
+        for name, p in params:
+            value = noise[offset: offset + p.numel()].reshape(p.shape)
+            offset += p.numel()
             if name.endswith("bias"):
-                value = 0.1 * noise
+                value = 0.1 * value
             elif p.dim() == 1 and name.endswith("weight"):
-                value = 1.0 + 0.2 * noise
+                value = 1.0 + 0.2 * value
             else:
-                fan_in = math.prod(p.shape[1:]) if p.dim() > 1 else 1
-                value = noise / math.sqrt(fan_in)
+                value = value / math.sqrt(math.prod(p.shape[1:]) if p.dim() > 1 else 1)
             p.copy_(value.to(p.dtype))
     return module
 
@@ -62,8 +65,14 @@ def family_config(family: str, small: bool = True, **overrides) -> VAEConfig:
 
 
 def random_compvis(family: str = "sd", small: bool = True, seed: int = 0, **overrides) -> dict[str, torch.Tensor]:
-    """A CompVis-layout state dict (sgm video-decoder names for svd) with randomised weights."""
-    cfg = family_config(family, small, **overrides)
+    """A CompVis-layout state dict (sgm video-decoder names for svd) with randomised weights (fresh copies)."""
+    cached = _random_compvis(family, small, seed, tuple(sorted(overrides.items())))
+    return {k: v.clone() for k, v in cached.items()}
+
+
+@functools.lru_cache(maxsize=32)
+def _random_compvis(family: str, small: bool, seed: int, overrides: tuple) -> dict[str, torch.Tensor]:
+    cfg = family_config(family, small, **dict(overrides))
     sd = {k: v.clone() for k, v in randomize_(random_vae(cfg, seed), seed).state_dict().items()}
     if family == "svd":
         sd = _with_temporal_decoder(sd, seed)
