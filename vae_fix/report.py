@@ -1,0 +1,191 @@
+"""report.json (schema 1) and its readable summary, shared by the CLI and the ComfyUI nodes.
+
+Layout:
+    {"schema": 1, "tool": "vae_fix", "version", "vae": {"path", "layout", "latent_channels", ...},
+     "settings": {...}, "summary": {...},
+     "images": [{"path", "index", "latent_size": [h, w], "latent_channels", "size": {...},
+                 "tiling": null | {...}, "logvar_raw": {"min", "median", "max", "mean", "per_channel"},
+                 "mean": {...}, "kl_total", "kl_per_cell": {...}, "anomaly_count",
+                 "anomalies": [{"y", "x", "kind", "score", "logvar_raw_min", "clamp_floor_hit", ...}],
+                 "groups", "clamp_floor": {"cells", "elements", "list"}, "baseline", "thresholds",
+                 "notes", "files"}]}
+Numbers are plain floats; NaN and infinities become null, so any JSON reader accepts the file.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from . import __version__
+from .anomaly import AnomalyReport
+from .posterior import LOGVAR_MAX, LOGVAR_MIN, Posterior
+
+SCHEMA = 1
+MAX_LISTED = 256      # anomalies / floor-hit cells written per image (counts are always complete)
+SUMMARY_LISTED = 8    # anomalies printed per image in the text summary
+
+
+def json_safe(obj):
+    """A copy of `obj` made of dict/list/str/int/float/bool/None only, non-finite floats → None."""
+    if isinstance(obj, torch.Tensor):
+        obj = obj.detach().cpu().tolist()
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, (bool, int, str)) or obj is None:
+        return obj
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "item"):  # numpy / torch scalars
+        return json_safe(obj.item())
+    return str(obj)
+
+
+def _stats(t: torch.Tensor) -> dict:
+    v = t[torch.isfinite(t)].double()
+    if v.numel() == 0:
+        return {"min": None, "median": None, "max": None, "mean": None}
+    return {"min": float(v.min()), "median": float(v.median()), "max": float(v.max()), "mean": float(v.mean())}
+
+
+def image_entry(path, posterior: Posterior, index: int, anomalies: AnomalyReport,
+                files: Optional[dict] = None, max_listed: int = MAX_LISTED) -> dict:
+    """The report entry of image `index` of `posterior` (`path` may be None for in-memory images)."""
+    lv, mu, kl = posterior.logvar_raw[index], posterior.mean[index], posterior.kl[index]
+    per_channel = [{"channel": c, **{k: v for k, v in _stats(lv[c]).items() if k != "mean"}}
+                   for c in range(lv.shape[0])]
+    kl_peak = divmod(int(kl.flatten().argmax()), kl.shape[1])
+    outside = int(((lv < LOGVAR_MIN) | (lv > LOGVAR_MAX)).sum())
+    found = anomalies.to_dict(max_listed)
+    entry = {
+        "path": None if path is None else str(path),
+        "index": index,
+        "latent_size": list(posterior.latent_size),
+        "latent_channels": posterior.latent_channels,
+        "size": posterior.size.to_dict(),
+        "tiling": posterior.tiling.to_dict() if posterior.tiling else None,
+        "logvar_raw": {**_stats(lv), "per_channel": per_channel,
+                       "outside_clamp": outside, "clamp": [LOGVAR_MIN, LOGVAR_MAX]},
+        "mean": {**_stats(mu), "abs_max": float(mu.abs().max())},
+        "kl_total": float(posterior.kl_total[index]),
+        "kl_per_cell": {**_stats(kl), "max_at": list(kl_peak), "unit": "nats",
+                        "formula": "0.5 * sum_c (mu^2 + exp(logvar) - 1 - logvar), logvar clamped to [-30, 20]"},
+        **{k: found[k] for k in ("anomaly_count", "anomalies", "anomalies_left_out", "groups",
+                                 "clamp_floor", "baseline", "thresholds")},
+        "notes": list(posterior.notes) + found["notes"],
+        "files": dict(files or {}),
+    }
+    return json_safe(entry)
+
+
+def build_report(vae_info: dict, images: list[dict], settings: Optional[dict] = None) -> dict:
+    """The whole report: `vae_info` (at least path, layout, latent_channels) and image entries."""
+    summary = {
+        "images": len(images),
+        "images_with_anomalies": sum(1 for e in images if e["anomaly_count"]),
+        "anomalies": sum(e["anomaly_count"] for e in images),
+        "clamp_floor_cells": sum(e["clamp_floor"]["cells"] for e in images),
+        "tiled_images": sum(1 for e in images if e["tiling"]),
+        "resized_images": sum(1 for e in images if e["size"]["changed"]),
+    }
+    return json_safe({"schema": SCHEMA, "tool": "vae_fix", "version": __version__, "vae": dict(vae_info),
+                      "settings": dict(settings or {}), "summary": summary, "images": list(images)})
+
+
+def write_report(report: dict, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n")
+    return path
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}{'s' * (n != 1)}"
+
+
+def _num(v, fmt=".1f") -> str:
+    return "n/a" if v is None else format(v, fmt)
+
+
+def _anomaly_line(a: dict) -> str:
+    floor = "  [clamp floor hit]" if a["clamp_floor_hit"] else ""
+    chans = ",".join(str(c) for c in a["channels"])
+    return (f"    cell (y={a['y']}, x={a['x']}) {a['kind']}: z={_num(a['score'])}, raw min log-variance "
+            f"{_num(a['logvar_raw_min'])} ({_num(a['drop'])} below median), |mean| max "
+            f"{_num(a['mean_abs_max'], '.2f')}, channels {chans}{floor}")
+
+
+def image_summary(e: dict) -> list[str]:
+    name = e["path"] or f"image {e['index']}"
+    h, w = e["latent_size"]
+    lv, t = e["logvar_raw"], e["thresholds"]
+    lines = [f"{name}: latent {h}x{w}x{e['latent_channels']}; {e['size']['note']}"]
+    if e["tiling"]:
+        lines.append(f"  {e['tiling']['note']}")
+    lines.append(f"  raw log-variance: min {_num(lv['min'])}, median {_num(lv['median'])}, max {_num(lv['max'])} "
+                 f"nats; KL {_num(e['kl_total'])} nats ({_num(e['kl_per_cell']['mean'], '.2f')} per cell)")
+    floor = e["clamp_floor"]
+    lines.append(f"  clamp floor (raw <= {floor['floor']:g}): {_count(floor['cells'], 'cell')}, "
+                 f"{_count(floor['elements'], 'value')}")
+    base = e["baseline"]
+    lines.append(f"  anomalies: {_count(e['anomaly_count'], 'cell')} in {_count(len(e['groups']), 'group')} "
+                 f"(robust z >= {t['threshold']:g} and >= {t['min_drop']:g} nats below "
+                 f"{_num(base['logvar_raw_min_median'])}, the median of the per-cell minimum; "
+                 f"spread {_num(base['logvar_raw_min_sigma'], '.2f')})")
+    lines += [_anomaly_line(a) for a in e["anomalies"][:SUMMARY_LISTED]]
+    more = e["anomaly_count"] - min(SUMMARY_LISTED, len(e["anomalies"]))
+    if more > 0:
+        lines.append(f"    ... and {more} more (see report.json)")
+    lines += [f"  note: {n}" for n in e["notes"]]
+    return lines
+
+
+def summary_text(report: dict) -> str:
+    """A few readable lines per image: ranges, clamp-floor hits, anomalies."""
+    vae = report["vae"]
+    lines = [f"VAE {vae.get('path', '?')}: {vae.get('layout', '?')} layout, "
+             f"{vae.get('latent_channels', '?')} latent channels, downscale {vae.get('downscale', '?')}"]
+    for e in report["images"]:
+        lines += image_summary(e)
+    s = report["summary"]
+    lines.append(f"{_count(s['images'], 'image')}, {s['images_with_anomalies']} with anomalies "
+                 f"({_count(s['anomalies'], 'cell')}), {_count(s['clamp_floor_cells'], 'clamp-floor cell')}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- pictures
+
+def report_pictures(image: torch.Tensor, posterior: Posterior, index: int, anomalies: AnomalyReport,
+                    cmap: str = "magma", percentiles=(1.0, 99.0)) -> dict[str, torch.Tensor]:
+    """The pictures of one image's report, each `[3, H, W]` 0..1:
+    `logvar_grid` (every channel, shared range, colour bar), `logvar_c{k}` (one per channel, same
+    range), `overlay` (per-cell minimum over channels on the image, anomalies boxed) and `kl`.
+    `image` is the image as encoded (`posterior.prepare_images` output, `[3, H, W]`)."""
+    from . import viz  # pictures only; the JSON part of this module does not need Pillow
+
+    lv = posterior.logvar_raw[index]
+    vmin, vmax = viz.value_range(lv, percentiles=percentiles)
+    h, w = posterior.latent_size
+    scale = viz.auto_scale(h, w, 192)
+    label = "raw log-variance (nats)"
+    pics = {"logvar_grid": viz.channel_grid(lv, cmap, vmin, vmax, scale=viz.auto_scale(h, w), label=label)}
+    for c in range(lv.shape[0]):
+        tile = viz.caption(viz.heatmap(lv[c], cmap, vmin, vmax, scale), f"channel {c}")
+        pics[f"logvar_c{c}"] = viz.with_colorbar(tile, cmap, vmin, vmax, label)
+    lv_min = lv.amin(dim=0)
+    lo, hi = viz.value_range(lv_min, percentiles=percentiles)
+    cell = posterior.size.downscale
+    zoom = max(1, min(8, round(384 / max(image.shape[1:]))))
+    ov = viz.overlay(image, lv_min, 0.6, cmap, anomalies.marks(), cell, lo, hi, zoom=zoom)
+    pics["overlay"] = viz.with_colorbar(ov, cmap, lo, hi, "min raw log-variance (nats)")
+    kl = posterior.kl[index]
+    k_lo, k_hi = viz.value_range(kl, percentiles=percentiles)
+    pics["kl"] = viz.with_colorbar(viz.heatmap(kl, "inferno", k_lo, k_hi, scale), "inferno", k_lo, k_hi, "KL per cell (nats)")
+    return pics
