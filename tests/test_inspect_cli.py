@@ -174,3 +174,23 @@ def test_demo_full_size_finds_its_hole(tmp_path):
     report = strict_json(tmp_path / "demo" / "inspect" / "report.json")
     assert report["vae"]["config"]["base_channels"] == 128 and report["vae"]["config"]["channel_mult"] == [1, 2, 4, 4]
     assert [(a["y"], a["x"]) for a in report["images"][0]["anomalies"]] == [(9, 21)]
+
+
+def test_report_of_an_in_memory_batch_is_strict_json_even_with_nan():
+    from vae_fix.anomaly import find_anomalies
+    from vae_fix.posterior import SizeHandling, posterior_from_moments
+    from vae_fix.report import build_report, image_entry, summary_text
+
+    moments = torch.cat([torch.zeros(1, 4, 8, 8), torch.full((1, 4, 8, 8), -20.0)], dim=1)
+    moments[0, 5, 2, 2] = float("nan")  # an overflowed half-precision model does this
+    moments[0, 4:, 6, 1] = -60.0
+    post = posterior_from_moments(moments, SizeHandling("crop", 8, (64, 64), (64, 64)))
+    entry = image_entry(None, post, 0, find_anomalies(post))
+    report = build_report({"path": "in-memory", "layout": "compvis", "latent_channels": 4}, [entry])
+    text = json.dumps(report, allow_nan=False)  # raises on NaN / inf
+    back = json.loads(text)["images"][0]
+    assert back["path"] is None and back["anomalies"][0]["y"] == 6 and back["anomalies"][0]["x"] == 1
+    assert any("not finite" in n for n in back["notes"])
+    assert back["clamp_floor"]["cells"] == 1 and back["logvar_raw"]["outside_clamp"] == 4
+    summary = summary_text(report)
+    assert "image 0" in summary and "cell (y=6, x=1)" in summary and "1 clamp-floor cell" in summary

@@ -73,9 +73,13 @@ def value_range(values: torch.Tensor, vmin: Optional[float] = None, vmax: Option
         vmin = float(np.percentile(v, lo_p)) if v.size else 0.0
     if vmax is None:
         vmax = float(np.percentile(v, hi_p)) if v.size else 1.0
-    if vmin > vmax:
-        raise InputError("value range", f"vmin {vmin:g} is above vmax {vmax:g}", "vmin <= vmax")
-    if vmin == vmax:
+    return _checked_range(vmin, vmax)
+
+
+def _checked_range(vmin: float, vmax: float) -> tuple[float, float]:
+    if not (math.isfinite(vmin) and math.isfinite(vmax)) or vmin > vmax:
+        raise InputError("value range", f"vmin {vmin:g}, vmax {vmax:g}", "finite numbers with vmin <= vmax")
+    if vmin == vmax:  # a flat map: centre it in a unit range rather than divide by zero
         vmin, vmax = vmin - 0.5, vmax + 0.5
     return float(vmin), float(vmax)
 
@@ -190,7 +194,7 @@ def colorbar(cmap: str, vmin: float, vmax: float, length: int = 256, label: str 
     `label` written upwards along the right edge."""
     if not isinstance(length, int) or length < 16:
         raise InputError("length", f"{length!r}", "an integer of at least 16 pixels")
-    vmin, vmax = value_range(torch.tensor([0.0]), vmin, vmax)
+    vmin, vmax = _checked_range(float(vmin), float(vmax))
     font = _font(font_size)
     ticks = nice_ticks(vmin, vmax)
     labels = format_ticks(ticks)
