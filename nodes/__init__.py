@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-NODE_MODULES = ["loader"]
+NODE_MODULES = ["loader", "inspect"]
 
 
 def all_nodes() -> list:

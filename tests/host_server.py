@@ -6,11 +6,14 @@ this repository, on a free port, with an in-memory database. Its log goes to a f
 """
 from __future__ import annotations
 
+import base64
 import json
 import os
 import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -151,18 +154,13 @@ class HostServer:
         """The history entry of a finished prompt (success, error or interrupted)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            history = self.get_json(f"/history/{prompt_id}")
-            entry = history.get(prompt_id)
-            if entry and entry.get("status", {}).get("completed") is not None and self._finished(entry):
+            entry = self.get_json(f"/history/{prompt_id}").get(prompt_id)
+            if entry and entry.get("status", {}).get("status_str") in ("success", "error"):
                 return entry
             if not self.alive():
                 raise HostError(f"ComfyUI died while running {prompt_id}:\n{self.log_tail()}")
             time.sleep(0.25)
         raise HostError(f"prompt {prompt_id} did not finish within {timeout:.0f} s:\n{self.log_tail()}")
-
-    @staticmethod
-    def _finished(entry: dict) -> bool:
-        return entry["status"].get("status_str") in ("success", "error")
 
     def run(self, prompt: dict, timeout: float = 300) -> dict:
         return self.wait(self.queue(prompt), timeout)
@@ -181,6 +179,170 @@ class HostServer:
             {"filename": item["filename"], "subfolder": item.get("subfolder", ""), "type": item["type"]}))
 
 
+    def events(self) -> "EventStream":
+        """The websocket messages (progress, executing, ...) the server sends to this client."""
+        return EventStream(self.port, self.client_id)
+
+
+class EventStream:
+    """A minimal websocket client (RFC 6455, text frames) collecting ComfyUI's JSON messages.
+
+    The standard library has no websocket client, and the browser's view of a run (progress bar,
+    which node runs) only exists on this socket.
+    """
+
+    def __init__(self, port: int, client_id: str):
+        self.messages: list[dict] = []
+        self._lock = threading.Lock()
+        self._sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        key = base64.b64encode(os.urandom(16)).decode()
+        self._sock.sendall((f"GET /ws?clientId={client_id} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                            f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                            "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += self._sock.recv(1)
+        if b" 101 " not in head.split(b"\r\n")[0]:
+            raise HostError(f"websocket upgrade refused: {head[:200]!r}")
+        self._sock.settimeout(None)
+        self._thread = threading.Thread(target=self._read_loop, daemon=True)
+        self._thread.start()
+
+    def _exact(self, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = self._sock.recv(n - len(data))
+            if not chunk:
+                raise ConnectionError("websocket closed")
+            data += chunk
+        return data
+
+    def _frame(self) -> tuple[int, bool, bytes]:
+        b1, b2 = self._exact(2)
+        n = b2 & 0x7F
+        if n == 126:
+            n = struct.unpack(">H", self._exact(2))[0]
+        elif n == 127:
+            n = struct.unpack(">Q", self._exact(8))[0]
+        mask = self._exact(4) if b2 & 0x80 else None
+        data = self._exact(n)
+        if mask:
+            data = bytes(c ^ mask[i % 4] for i, c in enumerate(data))
+        return b1 & 0x0F, bool(b1 & 0x80), data
+
+    def _read_loop(self) -> None:
+        parts, kind = [], None
+        try:
+            while True:
+                opcode, fin, data = self._frame()
+                if opcode == 8:
+                    return
+                if opcode in (1, 2):
+                    kind, parts = opcode, [data]
+                elif opcode == 0:
+                    parts.append(data)
+                if fin and kind == 1 and opcode in (0, 1):
+                    with self._lock:
+                        self.messages.append(json.loads(b"".join(parts)))
+        except (OSError, ConnectionError, ValueError):
+            return
+
+    def of(self, kind: str, prompt_id: str | None = None) -> list[dict]:
+        """The data of every message of one type (optionally of one prompt), in arrival order."""
+        with self._lock:
+            return [m["data"] for m in self.messages if m.get("type") == kind
+                    and (prompt_id is None or m.get("data", {}).get("prompt_id") == prompt_id)]
+
+    def wait_for(self, test, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while not test():
+            if time.monotonic() > deadline:
+                raise HostError("expected websocket message did not arrive")
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._sock.close()
+
+
 def status_messages(entry: dict) -> dict:
     """{event name: data} of a history entry's status messages (execution_error, execution_interrupted, ...)."""
     return {name: data for name, data in entry.get("status", {}).get("messages", [])}
+
+
+# ---------------------------------------------------------------- models and images the tests use
+
+TINY_SD15_SCRIPT = r'''
+# Runs with ComfyUI's Python inside its checkout: an SD1.5-layout checkpoint (real key names and
+# shapes for UNet and CLIP-L, as ComfyUI's own classes define them) with a one-level UNet and random
+# weights, so the whole text-to-image graph runs on a CPU in seconds. It has no VAE inside.
+import sys
+out = sys.argv[1]
+sys.argv = [sys.argv[0], "--cpu"]
+import comfy.options
+comfy.options.enable_args_parsing()
+import torch
+import comfy.ops
+import comfy.sd1_clip
+from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+from safetensors.torch import save_file
+unet = UNetModel(image_size=32, in_channels=4, model_channels=320, out_channels=4, num_res_blocks=[1],
+                 channel_mult=[1], num_heads=8, use_spatial_transformer=True, transformer_depth=[1],
+                 context_dim=768, transformer_depth_middle=1, transformer_depth_output=[1, 1],
+                 use_linear_in_transformer=False, operations=comfy.ops.manual_cast, device="cpu")
+clip = comfy.sd1_clip.SDClipModel(device="cpu", dtype=torch.float32)
+g = torch.Generator().manual_seed(0)
+sd = {}
+for prefix, model in (("model.diffusion_model.", unet), ("cond_stage_model.", clip)):
+    for k, v in model.state_dict().items():
+        if v.is_floating_point():
+            if v.dim() > 1:
+                v = torch.randn(v.shape, generator=g) / v[0].numel() ** 0.5
+            else:
+                v = torch.ones(v.shape) if k.endswith("weight") else torch.zeros(v.shape)
+            v = v.half()
+        sd[prefix + k] = v.contiguous()
+save_file(sd, out)
+'''
+
+
+def build_tiny_sd15(server: HostServer, name: str = "tiny_sd15.safetensors") -> str:
+    """Write the tiny SD1.5-layout checkpoint into models/checkpoints (built by the host's Python)."""
+    path = server.base / "models" / "checkpoints" / name
+    if not path.exists():
+        env = dict(os.environ, PYTHONPATH=str(server.comfy_path))
+        done = subprocess.run([server.python, "-c", TINY_SD15_SCRIPT, str(path)], cwd=server.comfy_path,
+                              env=env, capture_output=True, text=True, timeout=600)
+        if done.returncode != 0:
+            raise HostError(f"could not build the tiny SD1.5 checkpoint:\n{done.stderr[-3000:]}")
+    return name
+
+
+def taesd_state_dicts(latent_channels: int = 4, seed: int = 0) -> tuple[dict, dict]:
+    """Encoder and decoder state dicts in TAESD's layout (madebyollin/taesd), random weights."""
+    import torch
+    from torch import nn
+
+    def conv(n_in, n_out, **kw):
+        return nn.Conv2d(n_in, n_out, 3, padding=1, **kw)
+
+    class Block(nn.Module):
+        def __init__(self, n_in, n_out):
+            super().__init__()
+            self.conv = nn.Sequential(conv(n_in, n_out), nn.ReLU(), conv(n_out, n_out), nn.ReLU(), conv(n_out, n_out))
+            self.skip = nn.Conv2d(n_in, n_out, 1, bias=False) if n_in != n_out else nn.Identity()
+
+    def blocks(n):
+        return [Block(64, 64) for _ in range(n)]
+
+    torch.manual_seed(seed)
+    encoder = nn.Sequential(conv(3, 64), Block(64, 64), conv(64, 64, stride=2, bias=False), *blocks(3),
+                            conv(64, 64, stride=2, bias=False), *blocks(3), conv(64, 64, stride=2, bias=False),
+                            *blocks(3), conv(64, latent_channels))
+    decoder = nn.Sequential(nn.Identity(), conv(latent_channels, 64), nn.ReLU(), *blocks(3), nn.Upsample(scale_factor=2),
+                            conv(64, 64, bias=False), *blocks(3), nn.Upsample(scale_factor=2), conv(64, 64, bias=False),
+                            *blocks(3), nn.Upsample(scale_factor=2), conv(64, 64, bias=False), *blocks(1), conv(64, 3))
+    return encoder.state_dict(), decoder.state_dict()
