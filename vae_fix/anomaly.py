@@ -90,7 +90,8 @@ class AnomalyReport:
 
 def robust_center_spread(values: torch.Tensor) -> tuple[float, float]:
     """(median, 1.4826 * MAD) of the finite entries; (nan, nan) when there are none."""
-    v = values[torch.isfinite(values)].double()
+    finite = torch.isfinite(values)
+    v = values.flatten() if bool(finite.all()) else values[finite]
     if v.numel() == 0:
         return float("nan"), float("nan")
     med = v.median()

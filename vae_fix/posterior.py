@@ -10,6 +10,7 @@ Statistics are float32 whatever dtype the model runs in.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -136,8 +137,8 @@ def posterior_from_moments(moments: torch.Tensor, size: SizeHandling, tiling: Op
 
 # ---------------------------------------------------------------- input checks and size handling
 
-def check_images(images, name: str = "images") -> None:
-    """Raise InputError unless `images` is a finite float `[B, 3, H, W]` tensor in 0..1."""
+def check_images(images, name: str = "images") -> tuple[float, float]:
+    """Raise InputError unless `images` is a finite float `[B, 3, H, W]` tensor in 0..1; returns (min, max)."""
     expected = "a float tensor [B, 3, H, W] with values in 0..1"
     if not isinstance(images, torch.Tensor):
         raise InputError(name, f"got {type(images).__name__}", expected)
@@ -151,12 +152,13 @@ def check_images(images, name: str = "images") -> None:
         raise InputError(name, f"is empty, shape {tuple(images.shape)}", expected)
     if not images.is_floating_point():
         raise InputError(name, f"has dtype {images.dtype} (for 8-bit data divide by 255)", expected)
-    if not bool(torch.isfinite(images).all()):
+    lo, hi = (float(v) for v in torch.aminmax(images.detach()))  # one pass; NaN and inf propagate
+    if not (math.isfinite(lo) and math.isfinite(hi)):
         raise InputError(name, "contains NaN or infinite values", expected)
-    lo, hi = float(images.min()), float(images.max())
     if lo < -RANGE_TOLERANCE or hi > 1 + RANGE_TOLERANCE:
         hint = " (for -1..1 data use (x + 1) / 2)" if lo < 0 else ""
         raise InputError(name, f"values span {lo:.3g}..{hi:.3g}{hint}", expected)
+    return lo, hi
 
 
 def prepare_images(images: torch.Tensor, downscale: int = 8, size_policy: str = "crop"):
