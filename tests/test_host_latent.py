@@ -1,0 +1,430 @@
+"""The latent nodes (edit, statistics, reach, preview, repair, compare) inside a real ComfyUI server
+on the CPU, driven over HTTP like the browser drives it; the example workflows' API twins are run.
+
+Needs a ComfyUI checkout: `COMFYUI_PATH=/path/to/ComfyUI COMFYUI_PYTHON=/its/python pytest tests/test_host_latent.py`.
+Without COMFYUI_PATH every test here is reported as skipped, by name. One server is started for this
+module in its own base directory, with VAEs and a tiny SD1.5-layout checkpoint built by the tests.
+"""
+from __future__ import annotations
+
+import copy
+import io
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from host_server import PACK_FOLDER, HostServer, build_tiny_sd15, status_messages, taesd_state_dicts
+from vae_files import write_state_dict, write_vae
+
+from vae_fix.images import save_png
+from vae_fix.loader import save_vae
+from vae_fix.model import VAEConfig, preset_config
+from vae_fix.planted import planted_vae
+
+COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
+REPO = Path(__file__).resolve().parents[1]
+WORKFLOWS = REPO / "workflows"
+NODE_IDS = ("VAEFixLatentChannelEdit", "VAEFixLatentStatistics", "VAEFixLatentReachMap", "VAEFixLatentCellReach")
+SMUGGLER_CELL = (9, 21)  # 32x32 latent grid of a 128 px image (small SD layout: 4x)
+pytestmark = pytest.mark.host
+
+
+# ---------------------------------------------------------------- the server and its models
+
+def smuggler_vae(cfg: VAEConfig, cell: tuple[int, int], spike: float = 0.25):
+    """The planted VAE (log-variance hole at `cell`, vae_fix.planted) whose encoder also writes a spike
+    into the latent *mean* at that cell, as SD's encoder does at its black holes. The spike comes
+    from the planted marker carrier (encoder channel group 0 after norm_out, ~sqrt(cells) at the
+    cell and ~0 elsewhere), read by conv_out's mean rows at the centre tap."""
+    planted = planted_vae(cfg, cell=cell)
+    encoder = planted.model.encoder
+    carriers = encoder.norm_out.num_channels // cfg.norm_groups
+    with torch.no_grad():
+        encoder.conv_out.weight[:cfg.z_channels, :carriers, 1, 1] = spike / carriers
+    return planted
+
+
+SMUGGLER = "smuggler_sd.safetensors"  # SD layout (small): log-variance hole and mean spike at SMUGGLER_CELL
+CLEAN = "clean_sdxl.safetensors"       # SDXL layout (small), seeded random weights: nothing planted
+WIDE = "tiny_sd3_16ch.safetensors"     # SD3 layout (small): 16 latent channels
+IMAGE = "smuggler.png"                 # the smuggler's calibration image, 128 px
+
+
+def build_models(server: HostServer) -> None:
+    vae_dir, inp = server.vae_dir, server.input_dir
+    smuggler = smuggler_vae(preset_config("sd", small=True), SMUGGLER_CELL)
+    save_vae(smuggler.model, vae_dir / SMUGGLER)
+    save_png(smuggler.image[0], inp / IMAGE)
+    write_vae(vae_dir, "sdxl", name=CLEAN.removesuffix(".safetensors"), seed=1)
+    write_vae(vae_dir, "sd3", name=WIDE.removesuffix(".safetensors"), seed=3)
+    enc, dec = taesd_state_dicts()
+    approx = server.base / "models" / "vae_approx"
+    write_state_dict(enc, approx / "taesd_encoder.safetensors", "safetensors")
+    write_state_dict(dec, approx / "taesd_decoder.safetensors", "safetensors")
+
+
+@pytest.fixture(scope="module")
+def _server(tmp_path_factory):
+    server = HostServer(COMFYUI_PATH, tmp_path_factory.mktemp("comfyui_latent_base"),
+                        os.environ.get("COMFYUI_PYTHON") or sys.executable)
+    server._lay_out()
+    build_models(server)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def tiny_sd15(host) -> str:
+    return build_tiny_sd15(host)  # built once: kept in the server's models/checkpoints
+
+
+@pytest.fixture
+def host(request) -> HostServer:
+    if not COMFYUI_PATH:
+        pytest.skip(f"COMFYUI_PATH not set: host test {request.node.name} skipped")
+    return request.getfixturevalue("_server")
+
+
+# ---------------------------------------------------------------- helpers
+
+def api_workflow(name: str) -> dict:
+    return json.loads((WORKFLOWS / f"{name}.api.json").read_text())
+
+
+def id_of(prompt: dict, class_type: str) -> str:
+    found = [k for k, n in prompt.items() if n["class_type"] == class_type]
+    assert len(found) == 1, f"expected one {class_type} in the workflow"
+    return found[0]
+
+
+def succeeded(entry: dict) -> dict:
+    messages = status_messages(entry)
+    assert entry["status"]["status_str"] == "success", json.dumps(messages.get("execution_error", messages), indent=1)[:3000]
+    return entry["outputs"]
+
+
+def failed(entry: dict) -> dict:
+    assert entry["status"]["status_str"] == "error", "the prompt was expected to fail"
+    return status_messages(entry)["execution_error"]
+
+
+def images_of(server: HostServer, outputs: dict, node_id: str) -> list[np.ndarray]:
+    """The images a node wrote (SaveImage/PreviewImage or a node's own preview), as uint8 arrays."""
+    return [np.asarray(Image.open(io.BytesIO(server.view(item))).convert("RGB")) for item in outputs[node_id]["images"]]
+
+
+def text_of(outputs: dict, node_id: str) -> str:
+    return outputs[node_id]["text"][0]
+
+
+def saved_latent(server: HostServer, outputs: dict, node_id: str) -> torch.Tensor:
+    """The samples a core Save Latent node wrote (`[B, C, h, w]`, raw VAE space)."""
+    item = outputs[node_id]["latents"][0]
+    return load_file(str(server.output_file(item)))["latent_tensor"]
+
+
+def preview_text(source: list) -> dict:
+    return {"class_type": "PreviewAny", "inputs": {"source": source}}
+
+
+def save_latent(source: list, prefix: str) -> dict:
+    return {"class_type": "SaveLatent", "inputs": {"samples": source, "filename_prefix": f"latents/{prefix}"}}
+
+
+def ours(name: str) -> dict:
+    return {"class_type": "VAEFixLoadVAE", "inputs": {"vae_name": name, "dtype": "auto"}}
+
+
+def load_image(name: str) -> dict:
+    return {"class_type": "LoadImage", "inputs": {"image": name}}
+
+
+def encode(pixels: list, vae: list) -> dict:
+    return {"class_type": "VAEEncode", "inputs": {"pixels": pixels, "vae": vae}}
+
+
+EDIT_DEFAULTS = {"operation": "scale (x factor)", "channels": "all", "factor": 1.0, "offset": 0.0, "low": -4.0,
+                 "high": 4.0, "limit": 3.0, "mean": 0.0, "std": 1.0, "target": "", "batch": "all"}
+
+
+def channel_edit(latent: list, **widgets) -> dict:
+    return {"class_type": "VAEFixLatentChannelEdit", "inputs": {"latent": latent, **EDIT_DEFAULTS, **widgets}}
+
+
+REACH_DEFAULTS = {"mode": "median", "factor": 2.0, "window": 3, "index": 0, "blocks": 3, "top": 5, "colormap": "inferno"}
+CELL_DEFAULTS = {"cells": "", "mode": "median", "factor": 2.0, "window": 3, "index": 0, "batch_size": 4, "colormap": "inferno"}
+
+
+def reach_map(vae: list, latent: list, **widgets) -> dict:
+    return {"class_type": "VAEFixLatentReachMap", "inputs": {"vae": vae, "latent": latent, **REACH_DEFAULTS, **widgets}}
+
+
+def cell_reach(vae: list, latent: list, **widgets) -> dict:
+    return {"class_type": "VAEFixLatentCellReach", "inputs": {"vae": vae, "latent": latent, **CELL_DEFAULTS, **widgets}}
+
+
+def encoded(vae_name: str, image: str, *extra_nodes: tuple[str, dict]) -> dict:
+    """Load VAE (strict) "1" → Load Image "2" → VAE Encode "3", plus the given nodes."""
+    prompt = {"1": ours(vae_name), "2": load_image(image), "3": encode(["2", 0], ["1", 0])}
+    prompt.update(dict(extra_nodes))
+    return prompt
+
+
+def server_still_serves(host: HostServer) -> None:
+    assert host.alive()
+    prompt = encoded(CLEAN, IMAGE, ("4", save_latent(["3", 0], "alive")))
+    succeeded(host.run(prompt))
+
+
+# ---------------------------------------------------------------- registration and help
+
+def test_latent_nodes_are_registered_with_tooltips(host):
+    info = host.get_json("/object_info")
+    for node_id in NODE_IDS:
+        assert node_id in info, f"{node_id} is not registered"
+        node = info[node_id]
+        assert node["python_module"] == f"custom_nodes.{PACK_FOLDER}"
+        assert node["category"].startswith("VAE Fix/") and node["display_name"] and node["description"]
+        for section in ("required", "optional"):
+            for name, (_, options) in node["input"].get(section, {}).items():
+                assert options.get("tooltip"), f"{node_id} input {name} has no tooltip"
+        assert node["output_tooltips"] and all(node["output_tooltips"]), f"{node_id} has an output without tooltip"
+
+
+def test_latent_help_pages_are_served(host):
+    for node_id in NODE_IDS:
+        page = host.get(f"/extensions/{PACK_FOLDER}/docs/{node_id}.md").decode()
+        assert page == (REPO / "web" / "docs" / f"{node_id}.md").read_text()
+
+
+def write_thumbnail(name: str, picture: np.ndarray, min_side: int = 256) -> None:
+    """With VAEFIX_WRITE_THUMBNAILS=1, the picture a workflow produced becomes its template thumbnail."""
+    if not os.environ.get("VAEFIX_WRITE_THUMBNAILS"):
+        return
+    im = Image.fromarray(picture)
+    zoom = max(1, -(-min_side // min(im.size)))
+    im.resize((im.width * zoom, im.height * zoom), Image.NEAREST).save(WORKFLOWS / f"{name}.jpg", quality=90)
+
+
+def fed_by(prompt: dict, class_type: str, source: str, slot: int) -> str:
+    """The id of the one `class_type` node whose input is output `slot` of node `source`."""
+    found = [k for k, n in prompt.items() if n["class_type"] == class_type and [source, slot] in n["inputs"].values()]
+    assert len(found) == 1, f"expected one {class_type} fed by {source}:{slot}"
+    return found[0]
+
+
+def use_models(prompt: dict, vae: str, image: str = IMAGE) -> dict:
+    """The workflow as shipped, with the tests' files in place of the user's."""
+    for node in prompt.values():
+        if node["class_type"] == "VAEFixLoadVAE":
+            node["inputs"]["vae_name"] = vae
+        elif node["class_type"] == "LoadImage":
+            node["inputs"]["image"] = image
+    return prompt
+
+
+# ---------------------------------------------------------------- workflow: find the cell that smuggles
+
+FIND = "vae_fix_find_smuggling_cell"
+
+
+def test_find_workflow_points_at_the_smuggling_cell(host):
+    prompt = use_models(api_workflow(FIND), SMUGGLER)
+    reach, exact = id_of(prompt, "VAEFixLatentReachMap"), id_of(prompt, "VAEFixLatentCellReach")
+    outputs = succeeded(host.run(prompt))
+    report = json.loads(text_of(outputs, fed_by(prompt, "PreviewAny", reach, 2)))
+    top = report["top_cells"][0]
+    assert (top["y"], top["x"]) == SMUGGLER_CELL and report["latent_size"] == [32, 32] and report["downscale"] == 4
+    assert report["max_over_median"] > 30 and report["backward_passes"] == 9
+    assert top["value"] > 3 * report["top_cells"][1]["value"]
+    cells = json.loads(text_of(outputs, fed_by(prompt, "PreviewAny", exact, 2)))["cells"]
+    assert len(cells) == 5 and (cells[0]["y"], cells[0]["x"]) == SMUGGLER_CELL  # the reach map's top 5, measured
+    assert all(cells[0]["mean_far"] > 10 * c["mean_far"] for c in cells[1:])
+    reach_map = images_of(host, outputs, reach)[0]  # the node's preview: 128 px image enlarged to 256, colour bar
+    assert reach_map.shape[0] == 256 and reach_map.shape[1] > 256
+    y, x = SMUGGLER_CELL
+    block = reach_map[y * 8:(y + 1) * 8, x * 8:(x + 1) * 8].astype(float)  # 4 px cells, zoom 2
+    assert block.mean() > reach_map[:256, :256].astype(float).mean() + 60, "the smuggling cell is not the bright one"
+    overlay = images_of(host, outputs, fed_by(prompt, "SaveImage", reach, 1))[0]
+    assert overlay.shape == (256, 256, 3)
+    difference = images_of(host, outputs, fed_by(prompt, "PreviewImage", exact, 1))[0]
+    assert difference.shape[0] == 256
+    lv_map = images_of(host, outputs, fed_by(prompt, "PreviewImage", id_of(prompt, "VAEFixLogVarianceMap"), 0))[0]
+    assert lv_map[y * 4:(y + 1) * 4, x * 4:(x + 1) * 4].mean() < lv_map[:128, :128].mean() - 40  # and the black hole
+    write_thumbnail(FIND, overlay)
+
+
+# ---------------------------------------------------------------- workflow: edit channels in text to image
+
+EDIT = "vae_fix_edit_channels_sd15_txt2img"
+
+
+def cpu_sized(prompt: dict, checkpoint: str) -> dict:
+    """The text-to-image graph as shipped, with the tiny checkpoint, 128 px and 3 steps (CPU)."""
+    for node in prompt.values():
+        if node["class_type"] == "CheckpointLoaderSimple":
+            node["inputs"]["ckpt_name"] = checkpoint
+        elif node["class_type"] == "EmptyLatentImage":
+            node["inputs"].update(width=128, height=128)
+        elif node["class_type"] == "KSampler":
+            node["inputs"]["steps"] = 3
+    return prompt
+
+
+def test_edit_workflow_changes_exactly_the_chosen_channel(host, tiny_sd15):
+    prompt = cpu_sized(use_models(api_workflow(EDIT), CLEAN), tiny_sd15)
+    sampler, edit = id_of(prompt, "KSampler"), id_of(prompt, "VAEFixLatentChannelEdit")
+    settings = prompt[edit]["inputs"]
+    assert settings["operation"].startswith("offset") and settings["channels"] == "0"
+    prompt["before"], prompt["after"] = save_latent([sampler, 0], "before"), save_latent([edit, 0], "after")
+    outputs = succeeded(host.run(prompt, timeout=600))
+    before, after = saved_latent(host, outputs, "before"), saved_latent(host, outputs, "after")
+    assert before.shape == after.shape == (1, 4, 16, 16)
+    assert torch.allclose(after[:, 0], before[:, 0] + settings["offset"], atol=1e-5)
+    assert torch.equal(after[:, 1:], before[:, 1:])
+    info = json.loads(text_of(outputs, fed_by(prompt, "PreviewAny", edit, 1)))
+    assert info["operation"] == "offset" and [c["channel"] for c in info["channels"]] == [0]
+    assert info["channels"][0]["values_changed"] == 256
+    edited = images_of(host, outputs, id_of(prompt, "SaveImage"))[0]
+    plain = images_of(host, outputs, id_of(prompt, "PreviewImage"))[0]
+    assert edited.shape == plain.shape == (64, 64, 3)  # the small test VAE decodes 4x, not 8x
+    assert not np.array_equal(edited, plain)
+    stats = text_of(outputs, fed_by(prompt, "PreviewAny", id_of(prompt, "VAEFixLatentStatistics"), 1))
+    assert stats.startswith("latent [1, 4, 16, 16]") and "SD1.x" in stats and "SDXL" in stats and "SD3" not in stats
+    write_thumbnail(EDIT, edited)
+
+
+def test_edit_keeps_the_noise_mask(host, tiny_sd15):
+    """An all-zero noise mask tells the sampler to keep every cell: the sampler must return the edited
+    latent unchanged, which it only does when the edit kept the mask."""
+    prompt = encoded(CLEAN, IMAGE,
+                     ("4", {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": tiny_sd15}}),
+                     ("5", {"class_type": "CLIPTextEncode", "inputs": {"text": "a lighthouse", "clip": ["4", 1]}}),
+                     ("6", {"class_type": "SolidMask", "inputs": {"value": 0.0, "width": 128, "height": 128}}),
+                     ("7", {"class_type": "SetLatentNoiseMask", "inputs": {"samples": ["3", 0], "mask": ["6", 0]}}),
+                     ("8", channel_edit(["7", 0], operation="offset (+ offset)", channels="1", offset=1.0)),
+                     ("9", {"class_type": "KSampler", "inputs": {
+                         "seed": 3, "steps": 2, "cfg": 1.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0,
+                         "model": ["4", 0], "positive": ["5", 0], "negative": ["5", 0], "latent_image": ["8", 0]}}),
+                     ("10", save_latent(["9", 0], "sampled")), ("11", save_latent(["8", 0], "edited")),
+                     ("12", save_latent(["3", 0], "encoded")))
+    outputs = succeeded(host.run(prompt, timeout=600))
+    encoded_, edited, sampled = (saved_latent(host, outputs, k) for k in ("12", "11", "10"))
+    assert torch.allclose(edited[:, 1], encoded_[:, 1] + 1, atol=1e-5)
+    assert torch.allclose(sampled, edited, atol=1e-4)
+
+
+# ---------------------------------------------------------------- channel edit: mask, batch, 16 channels
+
+def half_mask() -> tuple[tuple[str, dict], ...]:
+    """Nodes "m0".."m2": a 128 px mask, 1 on the left half, 0 on the right."""
+    return (("m0", {"class_type": "SolidMask", "inputs": {"value": 0.0, "width": 128, "height": 128}}),
+            ("m1", {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 64, "height": 128}}),
+            ("m2", {"class_type": "MaskComposite", "inputs": {"destination": ["m0", 0], "source": ["m1", 0],
+                                                              "x": 0, "y": 0, "operation": "add"}}))
+
+
+def test_masked_edit_of_one_batch_item(host):
+    prompt = encoded(CLEAN, IMAGE, *half_mask(),
+                     ("4", {"class_type": "RepeatLatentBatch", "inputs": {"samples": ["3", 0], "amount": 2}}),
+                     ("5", channel_edit(["4", 0], operation="offset (+ offset)", channels="2", offset=1.5, batch="1")),
+                     ("6", save_latent(["4", 0], "batch_before")), ("7", save_latent(["5", 0], "batch_after")))
+    prompt["5"]["inputs"]["mask"] = ["m2", 0]
+    outputs = succeeded(host.run(prompt))
+    before, after = saved_latent(host, outputs, "6"), saved_latent(host, outputs, "7")
+    assert before.shape == (2, 4, 32, 32)
+    expected = before.clone()
+    expected[1, 2, :, :16] += 1.5  # item 1, channel 2, the 16 cell columns under the mask's left half
+    assert torch.allclose(after, expected, atol=1e-6)
+    assert torch.equal(after[0], before[0]) and torch.equal(after[1, :, :, 16:], before[1, :, :, 16:])
+
+
+def test_statistics_of_a_16_channel_latent(host):
+    prompt = encoded(WIDE, IMAGE,
+                     ("4", {"class_type": "VAEFixLatentStatistics", "inputs": {"latent": ["3", 0], "bins": 32,
+                                                                               "clip_percentile": 0.5, "columns": 4}}),
+                     ("5", preview_text(["4", 0])), ("6", save_latent(["3", 0], "wide")))
+    outputs = succeeded(host.run(prompt))
+    stats = json.loads(text_of(outputs, "5"))
+    z = saved_latent(host, outputs, "6").double()
+    assert stats["shape"] == [1, 16, 32, 32] and len(stats["channels"]) == 16
+    for row in stats["channels"]:
+        values = z[:, row["channel"]].flatten()
+        assert row["mean"] == pytest.approx(float(values.mean()), rel=1e-6, abs=1e-9)
+        assert row["std"] == pytest.approx(float(values.std(unbiased=False)), rel=1e-6)
+    matching = {f["name"] for f in stats["families"] if f["channels_match"]}
+    assert matching == {"sd3", "flux"}
+    histogram = images_of(host, outputs, "4")[0]  # 4 x 4 panels
+    assert histogram.shape[0] > 400 and histogram.shape[1] > 800 and histogram.std() > 5
+
+
+# ---------------------------------------------------------------- bad inputs: node errors, server keeps going
+
+@pytest.mark.parametrize("nodes,node_type,words", [
+    ((("4", channel_edit(["3", 0], channels="5")),), "VAEFixLatentChannelEdit", ("channels", "channel 5", "4 channels")),
+    ((("4", channel_edit(["3", 0], operation="swap with target", channels="0,1", target="1,2")),),
+     "VAEFixLatentChannelEdit", ("target", "overlap")),
+    ((("m", {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 128, "height": 32}}),
+      ("4", channel_edit(["3", 0], operation="zero", mask=["m", 0]))),
+     "VAEFixLatentChannelEdit", ("mask", "aspect")),
+    ((("4", cell_reach(["1", 0], ["3", 0], cells="9,21; 40,3")),), "VAEFixLatentCellReach", ("cells", "(40, 3)", "32x32")),
+    ((("4", reach_map(["1", 0], ["3", 0], window=20)),), "VAEFixLatentReachMap", ("window", "no far field")),
+], ids=["channel_out_of_range", "swap_overlap", "mask_wrong_shape", "cell_outside", "window_too_large"])
+def test_bad_inputs_are_node_errors(host, nodes, node_type, words):
+    prompt = encoded(CLEAN, IMAGE, *nodes, ("out", preview_text(["4", 0])))
+    err = failed(host.run(prompt))
+    assert err["node_type"] == node_type and err["exception_type"].endswith("InputError")
+    for word in words:
+        assert word in err["exception_message"], err["exception_message"]
+    server_still_serves(host)
+
+
+def test_reach_refuses_a_vae_that_decodes_no_image_latents(host):
+    prompt = {"1": {"class_type": "VAELoader", "inputs": {"vae_name": "pixel_space"}}, "2": load_image(IMAGE),
+              "3": encode(["2", 0], ["1", 0]),
+              "4": reach_map(["1", 0], ["3", 0]),
+              "5": preview_text(["4", 2])}
+    err = failed(host.run(prompt))
+    assert err["node_type"] == "VAEFixLatentReachMap" and "pixel-space" in err["exception_message"]
+    server_still_serves(host)
+
+
+def test_reach_map_runs_with_taesd(host):
+    """TAESD has no posterior but a decoder: the reach map works on it (gradients through the host's model)."""
+    prompt = {"1": {"class_type": "VAELoader", "inputs": {"vae_name": "taesd"}}, "2": load_image(IMAGE),
+              "3": encode(["2", 0], ["1", 0]),
+              "4": reach_map(["1", 0], ["3", 0], mode="zero", window=2, top=3),
+              "5": preview_text(["4", 2])}
+    report = json.loads(text_of(succeeded(host.run(prompt)), "5"))
+    assert report["latent_size"] == [16, 16] and report["downscale"] == 8 and len(report["top_cells"]) == 3
+    assert report["median"] > 0
+
+
+# ---------------------------------------------------------------- progress and cancel
+
+def test_exact_reach_of_every_cell_shows_progress_and_stops_on_interrupt(host):
+    prompt = encoded(SMUGGLER, IMAGE, ("4", cell_reach(["1", 0], ["3", 0], batch_size=1)), ("5", preview_text(["4", 2])))
+    events = host.events()
+    try:
+        prompt_id = host.queue(prompt)
+        progress = lambda: [p for p in events.of("progress", prompt_id) if p["node"] == "4"]
+        events.wait_for(lambda: any(p["value"] >= 2 for p in progress()), timeout=300)
+        host.interrupt()
+        entry = host.wait(prompt_id)
+    finally:
+        events.close()
+    messages = status_messages(entry)
+    assert entry["status"]["status_str"] == "error" and "execution_interrupted" in messages
+    assert messages["execution_interrupted"]["node_id"] == "4"
+    seen = progress()
+    assert all(p["max"] == 32 * 32 for p in seen)  # one step per cell
+    assert max(p["value"] for p in seen) < 300, "the run went on long after the interrupt"
+    server_still_serves(host)
