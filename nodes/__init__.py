@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-NODE_MODULES = ["loader", "inspect"]
+NODE_MODULES = ["loader", "inspect", "latent_edit", "latent_stats", "influence"]
 
 
 def all_nodes() -> list:
