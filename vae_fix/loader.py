@@ -107,7 +107,10 @@ def read_state_dict(path) -> dict[str, torch.Tensor]:
 
 
 def load_vae(path, device="cpu", dtype: torch.dtype = torch.float32) -> LoadedVAE:
-    """Read, validate and build the model: eval mode, requires_grad False, on `device` in `dtype`."""
+    """Read, validate and build the model: eval mode, requires_grad False, on `device` in `dtype`.
+
+    Where the file's dtype and `device` match, the parameters share storage with `file.state_dict`.
+    """
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise InputError("dtype", f"{dtype!r} is not a floating point torch dtype", "torch.float32, float16 or bfloat16")
     try:
@@ -118,7 +121,9 @@ def load_vae(path, device="cpu", dtype: torch.dtype = torch.float32) -> LoadedVA
     file = read_vae(path)
     with torch.device("meta"):
         model = AutoencoderKL(file.config)
-    weights = {k: v.to(device=device, dtype=dtype, copy=True) for k, v in file.state_dict.items()}
+    # No second copy of the weights: where dtype and device already match, the model's parameters
+    # share storage with file.state_dict (treat both as read-only).
+    weights = {k: v.to(device=device, dtype=dtype) for k, v in file.state_dict.items()}
     model.load_state_dict(weights, strict=True, assign=True)
     return LoadedVAE(model.eval().requires_grad_(False), file)
 

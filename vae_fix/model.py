@@ -58,7 +58,7 @@ class ResnetBlock(nn.Module):
     def forward(self, x):
         h = self.conv1(_silu(self.norm1(x)))
         h = self.conv2(_silu(self.norm2(h)))
-        return (self.nin_shortcut(x) if self.nin_shortcut is not None else x) + h
+        return _add(h, self.nin_shortcut(x) if self.nin_shortcut is not None else x)
 
 
 class AttnBlock(nn.Module):
@@ -72,10 +72,13 @@ class AttnBlock(nn.Module):
 
     def forward(self, x):
         b, c, h, w = x.shape
-        n = self.norm(x)
-        q, k, v = (m(n).reshape(b, 1, c, h * w).transpose(2, 3) for m in (self.q, self.k, self.v))
-        a = F.scaled_dot_product_attention(q, k, v)  # [B, 1, hw, C]
-        return x + self.proj_out(a.transpose(2, 3).reshape(b, c, h, w))
+        n = self.norm(x).reshape(b, c, h * w).transpose(1, 2)  # [B, hw, C]
+        # The 1×1 convs run as matrix products (as diffusers' Linear layers do): on CPU a 1×1 conv
+        # falls back to a slow im2col path, and [B, 1, hw, C] contiguous inputs get the fused SDPA kernel.
+        q, k, v = (_linear(n, m).unsqueeze(1) for m in (self.q, self.k, self.v))  # [B, 1, hw, C]
+        a = F.scaled_dot_product_attention(q, k, v).squeeze(1)                # [B, hw, C]
+        out = _linear(a, self.proj_out).transpose(1, 2).reshape(b, c, h, w)
+        return _add(out, x)
 
 
 class Downsample(nn.Module):
@@ -217,6 +220,16 @@ class AutoencoderKL(nn.Module):
 def _silu(x):
     # In place when no graph is recorded: saves one activation-sized allocation per call.
     return F.silu(x, inplace=not torch.is_grad_enabled())
+
+
+def _add(fresh, other):
+    """`fresh + other`, in place into `fresh` (a tensor this module just made) when no graph is recorded."""
+    return fresh.add_(other) if not torch.is_grad_enabled() else fresh + other
+
+
+def _linear(x, conv: nn.Conv2d):
+    """A 1×1 conv applied to `[B, N, C]` as a matrix product."""
+    return F.linear(x, conv.weight.reshape(conv.out_channels, conv.in_channels), conv.bias)
 
 
 # ---------------------------------------------------------------- configuration from shapes
