@@ -152,10 +152,12 @@ def _check_cells(cells, h: int, w: int) -> list[tuple[int, int]]:
 @torch.no_grad()
 def exact_reach(decode_fn: DecodeFn, z: torch.Tensor, cells=None, *, mode: str = "median",
                 factor: float = 2.0, window: int = 3, blocks: int = 3, index: int = 0, batch_size: int = 4,
-                progress: Optional[ProgressFn] = None, base: Optional[torch.Tensor] = None) -> list[CellReach]:
+                progress: Optional[ProgressFn] = None, base: Optional[torch.Tensor] = None,
+                delta: Optional[torch.Tensor] = None) -> list[CellReach]:
     """Perturb each chosen cell (default: all) of latent `index` of `z [B, C, h, w]` and decode.
 
     `base` may pass the already decoded unperturbed image `[1, 3, H, W]` (-1..1) to save a decode.
+    `delta` (`[1, C, h, w]`, optional) is added to each cell instead of the `mode`'s perturbation.
     `blocks` only sets the regions of `region_far` (as in `fast_reach_map`).
     Progress counts decoded cells; the callback may raise to cancel.
     """
@@ -166,7 +168,11 @@ def exact_reach(decode_fn: DecodeFn, z: torch.Tensor, cells=None, *, mode: str =
     cells = _all_cells(h, w) if cells is None else _check_cells(cells, h, w)
     if batch_size < 1:
         raise InputError("batch_size", f"{batch_size}", "at least 1")
-    delta = perturbation(z1, mode, factor).to(z1.dtype)
+    if delta is None:
+        delta = perturbation(z1, mode, factor)
+    elif tuple(delta.shape) != tuple(z1.shape):
+        raise InputError("delta", f"shape {list(delta.shape)}", f"one latent's shape {list(z1.shape)}")
+    delta = delta.to(device=z1.device, dtype=z1.dtype)
     if base is None:
         base = decode_fn(z1)
     base = base.float()

@@ -1,0 +1,91 @@
+import json
+
+import pytest
+import torch
+
+from vae_fix.anomaly import find_anomalies
+from vae_fix.errors import InputError
+from vae_fix.model import preset_config, random_vae
+from vae_fix.planted import planted_vae
+from vae_fix.posterior import read_posterior
+from vae_fix.repair import anomaly_mask, latent_outliers, neutralise, repair_latent, repair_picture
+
+SPIKES = [((5, 5), 40.0), ((15, 16), -25.0)]
+
+
+def spiked(seed=0, b=1, h=24, w=24):
+    z = torch.randn(b, 4, h, w, generator=torch.Generator().manual_seed(seed))
+    for (y, x), s in SPIKES:
+        z[0, :, y, x] = s
+    return z
+
+
+def test_latent_outliers_find_spikes_only():
+    z = spiked(b=2)
+    flagged, score = latent_outliers(z)
+    assert sorted(map(tuple, torch.nonzero(flagged[0]).tolist())) == sorted(c for c, _ in SPIKES)
+    assert not flagged[1].any(), "a plain normal latent has no outliers"
+    assert float(score[0, 5, 5]) > float(score[0, 15, 16]) > 8
+
+
+def test_neutralise_single_cells_and_groups():
+    z = spiked()
+    snapshot = z.clone()
+    mask = torch.zeros(1, 24, 24, dtype=torch.bool)
+    mask[0, 5, 5] = True
+    mask[0, 10:12, 10:12] = True  # a 2x2 group: filled from the outside in
+    z[0, :, 10:12, 10:12] = 30.0
+    snapshot = z.clone()
+    fixed = neutralise(z, mask)
+    assert torch.equal(z, snapshot), "input modified"
+    neighbours = torch.cat([z[0, :, 4, 4:7], z[0, :, 6, 4:7], z[0, :, 5, [4, 6]]], dim=1)
+    torch.testing.assert_close(fixed[0, :, 5, 5], neighbours.median(dim=1).values)
+    assert fixed[0, :, 10:12, 10:12].abs().max() < 5
+    untouched = ~mask[0]
+    torch.testing.assert_close(fixed[0][:, untouched], z[0][:, untouched])
+    everything = neutralise(z, torch.ones(24, 24, dtype=torch.bool))
+    torch.testing.assert_close(everything, z)
+
+
+def test_repair_removes_the_reach_of_spikes():
+    vae = random_vae(preset_config("sd", small=True), seed=1)
+    z = spiked()
+    flagged, score = latent_outliers(z)
+    result = repair_latent(vae.decode, z, flagged, scores=score, window=2)
+    rep = result.report
+    json.dumps(rep, allow_nan=False)
+    (entry,) = rep["images"]
+    assert entry["repaired_cells"] == 2 and entry["cells"][0] == [5, 5]
+    before_cells = {(r["y"], r["x"]): r for r in entry["cell_reach_before"]}
+    assert before_cells[(5, 5)]["mean_far"] > 0
+    before, after = entry["fast_reach_before"], entry["fast_reach_after"]
+    assert (before["top_cells"][0]["y"], before["top_cells"][0]["x"]) in before_cells
+    assert after["max"] < before["max"] / 5, (before, after)
+    change = entry["image_change"]
+    assert change["mean_abs"] > 0 and change["far_mean_abs"] < change["mean_abs"]
+    assert result.latent.shape == z.shape and result.after.shape == result.before.shape
+    assert 0 <= float(result.after.min()) and float(result.after.max()) <= 1
+    pic = repair_picture(result)
+    assert pic.shape[0] == 3 and pic.shape[2] > 3 * result.before.shape[-1]
+
+
+def test_repair_from_the_posterior_of_a_planted_hole():
+    planted = planted_vae(preset_config("sd", small=True), cell=(9, 21))
+    post = read_posterior(planted.model.moments, planted.image)
+    found = find_anomalies(post, 0)
+    mask = anomaly_mask(found, 1, *post.latent_size)
+    assert mask[0, 9, 21]
+    result = repair_latent(planted.model.decode, post.mean, mask, window=3, fast_map=False, source="posterior")
+    assert result.report["source"] == "posterior" and result.report["repaired_cells"] == int(mask.sum())
+    assert not torch.equal(result.latent[0, :, 9, 21], post.mean[0, :, 9, 21])
+
+
+def test_progress_and_bad_mask():
+    vae = random_vae(preset_config("sd", small=True), seed=1)
+    z = spiked()
+    seen = []
+    repair_latent(vae.decode, z, latent_outliers(z)[0], window=2, fast_map=False,
+                  progress=lambda d, t: seen.append((d, t)))
+    assert seen == [(0, 3), (1, 3), (2, 3), (3, 3)]
+    with pytest.raises(InputError, match=r"mask of shape \[3, 3\]"):
+        repair_latent(vae.decode, z, torch.zeros(3, 3, dtype=torch.bool))
