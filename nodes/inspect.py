@@ -71,6 +71,7 @@ class LogVarianceMap(io.ComfyNode):
             node_id="VAEFixLogVarianceMap",
             display_name="Log-Variance Map",
             category="VAE Fix/inspect",
+            is_output_node=True,  # shows its preview even when nothing is connected to it
             description=("Encodes the image with the VAE and draws its raw posterior log-variance (what core's VAE "
                          "Encode throws away), the clamped one, or the KL per latent cell, for the lowest/mean "
                          "channel, one channel or every channel. Works with any KL VAE (SD1.x/2.x, SDXL, SD3, Flux, "
@@ -145,6 +146,7 @@ class InspectVAE(io.ComfyNode):
             node_id="VAEFixInspectVAE",
             display_name="Inspect VAE (black holes)",
             category="VAE Fix/inspect",
+            is_output_node=True,
             description=("Reads the VAE's full raw posterior on the image (mean and unclamped log-variance) and "
                          "finds anomalous latent cells: the SD-VAE 'black hole', a cell whose log-variance falls far "
                          "below the rest (often under the -30 clamp). Outputs the image with the map overlaid and "
@@ -196,8 +198,8 @@ class InspectVAE(io.ComfyNode):
 
 
 def _vae_info(vae) -> dict:
-    summary = host.vae_summary(vae)
-    return {"path": "VAE input", "layout": summary["kind"], **summary}
+    """The report's "vae" entry: a VAE input has no file path, so say what ComfyUI built."""
+    return {"path": "from ComfyUI", "layout": type(vae.first_stage_model).__name__, **host.vae_summary(vae)}
 
 
 NODES = [InspectVAE, LogVarianceMap]

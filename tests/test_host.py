@@ -349,10 +349,11 @@ def test_image_smaller_than_a_latent_cell_is_refused(host):
 
 # ---------------------------------------------------------------- progress and cancel
 
-def test_long_map_shows_progress_and_stops_on_interrupt(host):
-    prompt = lv_map(ours("full_sd.safetensors"), "gradient.png")
-    prompt["5"] = {"class_type": "RepeatImageBatch", "inputs": {"image": ["2", 0], "amount": 400}}
-    prompt["3"]["inputs"]["image"] = ["5", 0]
+def test_long_inspect_shows_progress_and_stops_on_interrupt(host):
+    prompt = {"1": ours("full_sd.safetensors"), "2": {"class_type": "LoadImage", "inputs": {"image": "gradient.png"}},
+              "5": {"class_type": "RepeatImageBatch", "inputs": {"image": ["2", 0], "amount": 400}},
+              "3": {"class_type": "VAEFixInspectVAE", "inputs": {"vae": ["1", 0], "image": ["5", 0], "threshold": 5.0,
+                                                                 "min_drop": 3.0, "colormap": "magma", "size_policy": "crop"}}}
     events = host.events()
     try:
         prompt_id = host.queue(prompt)
