@@ -5,7 +5,7 @@ import pickle
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from vae_fix.errors import InputError, VAELoadError
 from vae_fix.model import infer_config
@@ -435,3 +435,26 @@ def test_diffusers_loads_what_we_write(tmp_path):
         ref = theirs.encode(x).latent_dist.parameters
         err = ((ours.moments(x) - ref).abs().max() / ref.abs().max()).item()
     assert err <= 1e-5 and theirs.config.scaling_factor == 0.18215
+
+
+# ---------------------------------------------------------------- layouts module
+
+def test_detect_layout_and_prefixes():
+    from vae_fix import layouts
+    compvis = random_compvis("sd")
+    diffusers = layouts.compvis_to_diffusers(compvis)
+    assert layouts.detect_layout(compvis) == "compvis" and layouts.detect_layout(diffusers) == "diffusers"
+    assert layouts.detect_layout(["encoder.down.0.block.0.conv1.weight", "decoder.up_blocks.0.resnets.0.conv1.weight"]) == "mixed"
+    assert layouts.detect_layout(["model.diffusion_model.input_blocks.0.0.weight"]) == "unknown"
+    whole = {f"first_stage_model.{k}": v for k, v in diffusers.items()} | {"model.diffusion_model.x": torch.zeros(1)}
+    sd, layout, prefix, ignored = layouts.to_compvis(whole)
+    assert (layout, prefix, ignored) == ("diffusers", "first_stage_model.", ["model.diffusion_model.x"])
+    assert set(sd) == set(compvis) and all(torch.equal(sd[k], compvis[k]) for k in sd)
+    assert "first_stage_model.encoder.conv_in.weight" in whole  # the input is left as it was
+
+
+def test_two_vaes_in_one_file_is_an_error(tmp_path):
+    sd = random_compvis("sd")
+    both = sd | {f"first_stage_model.{k}": v.clone() for k, v in sd.items()}
+    with pytest.raises(VAELoadError, match="more than one prefix .*'first_stage_model.' and no prefix"):
+        read_vae(sd_file(tmp_path, both))

@@ -61,13 +61,16 @@ def detect_layout(keys) -> str:
     return "diffusers" if diffusers else "compvis" if compvis else "unknown"
 
 
+def vae_prefixes(keys) -> list[str]:
+    """Every prefix under which encoder or decoder weights appear (normally exactly one)."""
+    keys = list(keys)
+    return [p for p in PREFIXES if any(k.startswith((p + "encoder.", p + "decoder.")) for k in keys)]
+
+
 def find_prefix(keys) -> str | None:
     """The prefix the VAE lives under ('first_stage_model.', 'vae.' or ''), or None if there is no VAE."""
-    keys = list(keys)
-    for prefix in PREFIXES:
-        if any(k.startswith(prefix + "encoder.") or k.startswith(prefix + "decoder.") for k in keys):
-            return prefix
-    return None
+    found = vae_prefixes(keys)
+    return found[0] if found else None
 
 
 def split_vae_keys(sd: Mapping[str, torch.Tensor], prefix: str) -> tuple[dict, list[str]]:
@@ -90,7 +93,13 @@ def to_compvis(sd: Mapping[str, torch.Tensor], source: str = "<state dict>") -> 
     Raises VAELoadError (naming `source`) when there is no VAE or the names mix both layouts.
     """
     keys = list(sd)
-    prefix = find_prefix(keys)
+    prefixes = vae_prefixes(keys)
+    if len(prefixes) > 1:
+        shown = " and ".join(f"'{p}'" if p else "no prefix" for p in prefixes)
+        raise VAELoadError(source, f"it holds VAE weights under more than one prefix ({shown})",
+                           "one VAE per file", [next(k for k in keys if k.startswith(p + "encoder.")) for p in prefixes
+                                                if any(k.startswith(p + "encoder.") for k in keys)])
+    prefix = prefixes[0] if prefixes else None
     if prefix is None:
         raise VAELoadError(
             source, f"not a VAE: none of its {len(keys)} keys is an encoder or decoder weight",
@@ -250,3 +259,42 @@ def diffusers_config(config: VAEConfig, extra: Mapping | None = None) -> dict:
         if extra and name in extra:
             out[name] = extra[name]
     return out
+
+
+KL_DEFAULTS = {  # diffusers.AutoencoderKL.__init__ defaults, used when config.json leaves a field out
+    "in_channels": 3, "out_channels": 3, "down_block_types": ["DownEncoderBlock2D"],
+    "up_block_types": ["UpDecoderBlock2D"], "block_out_channels": [64],
+    "layers_per_block": 1, "act_fn": "silu", "latent_channels": 4, "norm_num_groups": 32,
+    "use_quant_conv": True, "use_post_quant_conv": True, "mid_block_add_attention": True,
+}
+KL_CLASSES = {"AutoencoderKL": "kl", "AutoencoderKLTemporalDecoder": "temporal"}
+
+
+def check_diffusers_config(cj: dict, config: VAEConfig, foreign: bool, where) -> None:
+    """Raise VAELoadError (naming `where`) when a diffusers config.json disagrees with the weights' config."""
+    cls = cj.get("_class_name", "AutoencoderKL")
+    if cls not in KL_CLASSES:
+        raise VAELoadError(where, f"config.json describes a {cls}, not a KL autoencoder",
+                           "_class_name AutoencoderKL (or AutoencoderKLTemporalDecoder)", ["_class_name"])
+    if (KL_CLASSES[cls] == "temporal") != foreign:
+        kind = "a temporal video decoder" if foreign else "a KL image decoder"
+        raise VAELoadError(where, f"config.json says {cls} but the weights have {kind}", "a config.json written for these weights", ["_class_name"])
+    levels = range(len(config.channel_mult))
+    actual = {
+        "in_channels": config.in_channels, "latent_channels": config.latent_channels,
+        "block_out_channels": [config.base_channels * m for m in config.channel_mult],
+        "layers_per_block": config.num_res_blocks,
+        "down_block_types": ["AttnDownEncoderBlock2D" if i in config.attn_levels else "DownEncoderBlock2D" for i in levels],
+        "norm_num_groups": 32, "act_fn": "silu",
+    }
+    if not foreign:
+        up = ["AttnUpDecoderBlock2D" if i in config.attn_levels else "UpDecoderBlock2D" for i in reversed(levels)]
+        actual.update(out_channels=config.out_channels, up_block_types=up, use_quant_conv=config.use_quant_conv,
+                      use_post_quant_conv=config.use_post_quant_conv, mid_block_add_attention=config.mid_attention)
+    said = {k: cj.get(k, KL_DEFAULTS[k]) for k in actual}
+    said = {k: list(v) if isinstance(v, tuple) else v for k, v in said.items()}
+    wrong = [k for k in actual if said[k] != actual[k]]
+    if wrong:
+        diffs = "; ".join(f"{k} is {said[k]!r} in config.json but {actual[k]!r} in the weights" for k in wrong)
+        raise VAELoadError(where, f"config.json disagrees with the weights: {diffs}",
+                           "a config.json that matches the weights file next to it (only GroupNorm(32) and SiLU VAEs are supported)", wrong)

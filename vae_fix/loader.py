@@ -301,7 +301,7 @@ def _validate(raw: _Raw, path: str) -> VAEFile:
     _check_values(sd, where)
     extra = {}
     if raw.config_json is not None:
-        _check_diffusers_config(raw.config_json, config, foreign, raw.weights_path.parent / "config.json")
+        layouts.check_diffusers_config(raw.config_json, config, foreign, raw.weights_path.parent / "config.json")
         extra = {k: raw.config_json[k] for k in layouts.DIFFUSERS_EXTRA_FIELDS if k in raw.config_json}
     elif CONFIG_META_KEY in raw.metadata:
         extra = _config_from_metadata(raw.metadata[CONFIG_META_KEY], notes)
@@ -398,44 +398,6 @@ def _non_finite(key: str, v: torch.Tensor) -> str | None:
     v = v.float()
     nan, inf = int(torch.isnan(v).sum()), int(torch.isinf(v).sum())
     return f"{key} ({nan} NaN, {inf} inf)" if nan or inf else None
-
-
-KL_DEFAULTS = {  # diffusers.AutoencoderKL.__init__ defaults, used when config.json leaves a field out
-    "in_channels": 3, "out_channels": 3, "down_block_types": ["DownEncoderBlock2D"],
-    "up_block_types": ["UpDecoderBlock2D"], "block_out_channels": [64],
-    "layers_per_block": 1, "act_fn": "silu", "latent_channels": 4, "norm_num_groups": 32,
-    "use_quant_conv": True, "use_post_quant_conv": True, "mid_block_add_attention": True,
-}
-KL_CLASSES = {"AutoencoderKL": "kl", "AutoencoderKLTemporalDecoder": "temporal"}
-
-
-def _check_diffusers_config(cj: dict, config: VAEConfig, foreign: bool, where: Path) -> None:
-    cls = cj.get("_class_name", "AutoencoderKL")
-    if cls not in KL_CLASSES:
-        raise VAELoadError(where, f"config.json describes a {cls}, not a KL autoencoder",
-                           "_class_name AutoencoderKL (or AutoencoderKLTemporalDecoder)", ["_class_name"])
-    if (KL_CLASSES[cls] == "temporal") != foreign:
-        kind = "a temporal video decoder" if foreign else "a KL image decoder"
-        raise VAELoadError(where, f"config.json says {cls} but the weights have {kind}", "a config.json written for these weights", ["_class_name"])
-    levels = range(len(config.channel_mult))
-    actual = {
-        "in_channels": config.in_channels, "latent_channels": config.latent_channels,
-        "block_out_channels": [config.base_channels * m for m in config.channel_mult],
-        "layers_per_block": config.num_res_blocks,
-        "down_block_types": ["AttnDownEncoderBlock2D" if i in config.attn_levels else "DownEncoderBlock2D" for i in levels],
-        "norm_num_groups": 32, "act_fn": "silu",
-    }
-    if not foreign:
-        up = ["AttnUpDecoderBlock2D" if i in config.attn_levels else "UpDecoderBlock2D" for i in reversed(levels)]
-        actual.update(out_channels=config.out_channels, up_block_types=up, use_quant_conv=config.use_quant_conv,
-                      use_post_quant_conv=config.use_post_quant_conv, mid_block_add_attention=config.mid_attention)
-    said = {k: cj.get(k, KL_DEFAULTS[k]) for k in actual}
-    said = {k: list(v) if isinstance(v, tuple) else v for k, v in said.items()}
-    wrong = [k for k in actual if said[k] != actual[k]]
-    if wrong:
-        diffs = "; ".join(f"{k} is {said[k]!r} in config.json but {actual[k]!r} in the weights" for k in wrong)
-        raise VAELoadError(where, f"config.json disagrees with the weights: {diffs}",
-                           "a config.json that matches the weights file next to it (only GroupNorm(32) and SiLU VAEs are supported)", wrong)
 
 
 def _config_from_metadata(text: str, notes: list) -> dict:
