@@ -203,10 +203,11 @@ def repair_picture(result: RepairResult, index: int = 0, cmap: str = "magma") ->
              viz.caption(after, "after (cells repaired)"),
              viz.caption(viz.with_colorbar(viz.heatmap(diff, cmap, 0.0, vmax), cmap, 0.0, vmax, "|change|"),
                          "|after - before|")]
-    return _side_by_side(tiles)
+    return side_by_side(tiles)
 
 
-def _side_by_side(tiles: list[torch.Tensor], gap: int = 6) -> torch.Tensor:
+def side_by_side(tiles: list[torch.Tensor], gap: int = 6) -> torch.Tensor:
+    """`[3, h_i, w_i]` tiles in one row on white, top-aligned."""
     h = max(t.shape[1] for t in tiles)
     out = torch.ones(3, h, sum(t.shape[2] for t in tiles) + gap * (len(tiles) - 1))
     x = 0

@@ -1,0 +1,66 @@
+import json
+
+import pytest
+import torch
+
+from vae_fix.compare import VAESide, compare_vaes
+from vae_fix.errors import InputError
+from vae_fix.model import preset_config
+from vae_fix.planted import planted_vae, smooth_vae
+
+CELL = (9, 21)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    cfg = preset_config("sd", small=True)
+    holed, smooth = planted_vae(cfg, cell=CELL), smooth_vae(cfg)
+    return holed, smooth
+
+
+def side(name, planted):
+    return VAESide(name, planted.model.moments, planted.model.decode)
+
+
+def test_compare_a_holed_and_a_smooth_vae(pair):
+    holed, smooth = pair
+    images = torch.cat([holed.image, holed.image.flip(-1)])
+    seen = []
+    result = compare_vaes(side("holed", holed), side("smooth", smooth), images, window=3,
+                          progress=lambda d, t: seen.append((d, t)))
+    assert seen[-1] == (8, 8)
+    rep = result.report
+    json.dumps(rep, allow_nan=False)
+    assert [v["name"] for v in rep["vaes"]] == ["holed", "smooth"]
+    first = rep["images"][0]
+    holed_entry, smooth_entry = first["holed"], first["smooth"]
+    assert (holed_entry["anomalies"][0]["y"], holed_entry["anomalies"][0]["x"]) == CELL
+    assert holed_entry["anomalies"][0]["clamp_floor_hit"]
+    assert smooth_entry["anomaly_count"] == 0
+    assert holed_entry["logvar_raw_min"] < -40 < smooth_entry["logvar_raw_min"]
+    assert holed_entry["kl_total"] > 0 and smooth_entry["kl_total"] > 0
+    for e in (holed_entry, smooth_entry):
+        assert isinstance(e["psnr_db"], float) and "max" in e["worst_reach"]
+    assert first["b_minus_a"]["anomaly_count"] == -holed_entry["anomaly_count"]
+    assert first["b_minus_a"]["kl_total"] == pytest.approx(smooth_entry["kl_total"] - holed_entry["kl_total"])
+    assert rep["summary"]["holed"]["anomalies"] >= 1 and rep["summary"]["smooth"]["anomalies"] == 0
+    pic = result.picture
+    assert pic.shape[0] == 3 and pic.shape[2] > 5 * images.shape[-1] and pic.shape[1] > 2 * images.shape[-2]
+    assert [r.shape for r in result.reconstructions] == [images.shape, images.shape]
+
+
+def test_same_vae_twice_has_zero_difference(pair):
+    holed, _ = pair
+    result = compare_vaes(side("a", holed), side("b", holed), holed.image, reach=False)
+    diff = result.report["images"][0]["b_minus_a"]
+    assert diff == {"kl_total": 0.0, "anomaly_count": 0, "psnr_db": 0.0}
+    assert "worst_reach" not in result.report["images"][0]["a"]
+
+
+def test_encoder_only_side_and_same_names(pair):
+    holed, smooth = pair
+    enc_only = VAESide("encoder-only", smooth.model.moments, None)
+    result = compare_vaes(side("holed", holed), enc_only, holed.image, reach=False)
+    assert result.reconstructions[1] is None and "psnr_db" not in result.report["images"][0]["encoder-only"]
+    with pytest.raises(InputError, match="both VAEs are called"):
+        compare_vaes(side("x", holed), side("x", smooth), holed.image)
