@@ -1,0 +1,80 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vae_fix.errors import InputError
+from vae_fix.families import FAMILIES
+from vae_fix.latent_preview import family_preview, fit_linear, fit_preview, pooled_target, preview_for
+from vae_fix.model import preset_config, random_vae
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_family_preview_is_the_published_map_on_model_space(name):
+    fam = FAMILIES[name]
+    z = torch.randn(2, fam.channels, 5, 7, generator=torch.Generator().manual_seed(0)) * 4 + 0.3
+    model = (z - fam.shift) * fam.scale                               # what the sampler sees
+    expected = torch.einsum("bchw,cr->brhw", model, torch.tensor(fam.rgb_factors))
+    expected = expected + torch.tensor(fam.rgb_bias).view(1, 3, 1, 1)
+    prev = family_preview(name)
+    torch.testing.assert_close(prev.rgb(z), expected, atol=1e-5, rtol=1e-5)
+    img = prev.image(z, scale=8)
+    assert img.shape == (2, 3, 40, 56) and 0 <= float(img.min()) and float(img.max()) <= 1
+    torch.testing.assert_close(img[:, :, ::8, ::8], ((expected + 1) / 2).clamp(0, 1), atol=1e-5, rtol=1e-5)
+
+
+def test_sd1_preview_colours():
+    """SD1.x channel 0 is brightness: a positive channel-0 latent previews lighter than a negative one."""
+    z = torch.zeros(2, 4, 1, 1)
+    z[0, 0], z[1, 0] = 5.0, -5.0
+    light, dark = family_preview("sd1").image(z)
+    assert (light > dark).all()
+
+
+def test_fit_recovers_a_linear_decoder_exactly():
+    weight = torch.tensor([[0.5, -0.2, 0.1], [0.0, 0.3, -0.4], [0.2, 0.2, 0.2],
+                           [-0.1, 0.0, 0.6], [0.3, -0.3, 0.0], [0.05, 0.1, -0.2], [0.0, 0.0, 0.1], [0.2, 0.0, 0.0]])
+    bias = torch.tensor([0.1, -0.05, 0.2])
+
+    def decode(z):
+        rgb = torch.einsum("bchw,cr->brhw", z, weight) + bias.view(1, 3, 1, 1)
+        return F.interpolate(rgb, scale_factor=8, mode="nearest")
+
+    z = torch.randn(1, 8, 12, 12, generator=torch.Generator().manual_seed(1))
+    prev = fit_preview(z, decode)
+    torch.testing.assert_close(prev.weight, weight, atol=1e-4, rtol=0)
+    torch.testing.assert_close(prev.bias, bias, atol=1e-4, rtol=0)
+    assert min(prev.r2) > 0.9999 and prev.source == "fit"
+
+
+def test_fit_on_a_real_12_channel_decoder_reports_its_quality():
+    """A random-weight VAE is not linear per cell, so the fit is partial; r2 must say how partial."""
+    vae = random_vae(preset_config("retrained8", small=True, z_channels=12, latent_channels=12), seed=0)
+    z = torch.randn(2, 12, 16, 16, generator=torch.Generator().manual_seed(2))
+    prev = fit_preview(z, vae.decode, index=1)
+    with torch.no_grad():
+        truth = pooled_target(vae.decode(z[1:]), 16, 16)
+    resid = (prev.rgb(z[1:]) - truth).pow(2).sum(dim=(0, 2, 3))
+    total = (truth - truth.mean(dim=(0, 2, 3), keepdim=True)).pow(2).sum(dim=(0, 2, 3))
+    torch.testing.assert_close(torch.tensor(prev.r2), (1 - resid / total).float(), atol=1e-3, rtol=0)
+    assert all(0 < r < 1 for r in prev.r2) and prev.weight.shape == (12, 3)
+
+
+def test_preview_for_chooses_and_checks():
+    z4, z16, z8 = torch.zeros(1, 4, 4, 4), torch.zeros(1, 16, 4, 4), torch.randn(1, 8, 4, 4)
+    assert preview_for(z4, "sdxl").source == "sdxl"
+    assert preview_for(z16, "flux").source == "flux"
+    with pytest.raises(InputError, match=r"sd3 latents have 16 channels, this one has 4.*sd1, sdxl"):
+        preview_for(z4, "sd3")
+    with pytest.raises(InputError, match="'auto' cannot choose for 4 channels"):
+        preview_for(z4, "auto")
+    with pytest.raises(InputError, match="no family and no decoder"):
+        preview_for(z8)
+    with pytest.raises(InputError, match="8 channels for a sd1 preview of 4"):
+        family_preview("sd1").rgb(z8)
+
+
+def test_fit_linear_checks_shapes():
+    with pytest.raises(InputError, match="target"):
+        fit_linear(torch.zeros(1, 4, 4, 4), torch.zeros(1, 3, 2, 2))
+    with pytest.raises(InputError, match="usable cells"):
+        fit_linear(torch.zeros(1, 4, 1, 2), torch.zeros(1, 3, 1, 2))

@@ -1,0 +1,123 @@
+"""Latent → RGB previews without decoding: one linear map per latent cell (C → 3, plus a bias).
+
+Known families use their published factors (`families.py`), which act on model-space latents
+`(raw - shift) * scale`; folded into one map on raw latents that is
+`rgb = raw @ (scale·F) + (bias - scale·shift·ΣF)`, nominally -1..1, shown as (rgb + 1) / 2 as ComfyUI's
+sampler previews do. For any other VAE (8 or 12 channels, retrained VAEs) `fit_preview` decodes
+one latent, averages the image over each cell's pixels and fits the map by least squares.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .edit import check_latent
+from .errors import InputError
+from .families import LatentFamily, families_with_channels, get_family
+
+
+@dataclass(frozen=True)
+class LinearPreview:
+    weight: torch.Tensor            # [C, 3] on raw latents
+    bias: torch.Tensor              # [3]
+    source: str                     # family name, or "fit"
+    r2: Optional[tuple[float, float, float]] = None  # fit quality per RGB channel (fits only)
+
+    @property
+    def channels(self) -> int:
+        return self.weight.shape[0]
+
+    def rgb(self, z: torch.Tensor) -> torch.Tensor:
+        """`[B, C, h, w]` raw latent → `[B, 3, h, w]` nominally -1..1."""
+        check_latent(z)
+        if z.shape[1] != self.channels:
+            raise InputError("latent", f"{z.shape[1]} channels for a {self.source} preview of {self.channels}",
+                             f"a latent with {self.channels} channels, or a preview fitted to this VAE")
+        out = torch.einsum("bchw,cr->brhw", z.detach().float().cpu(), self.weight)
+        return out + self.bias.view(1, 3, 1, 1)
+
+    def image(self, z: torch.Tensor, scale: int = 1) -> torch.Tensor:
+        """`[B, 3, h*scale, w*scale]` in 0..1 (each cell a `scale`×`scale` block)."""
+        if not isinstance(scale, int) or scale < 1:
+            raise InputError("scale", f"{scale!r}", "a positive integer")
+        img = ((self.rgb(z) + 1) / 2).clamp(0, 1)
+        return img.repeat_interleave(scale, 2).repeat_interleave(scale, 3) if scale > 1 else img
+
+    def to_dict(self) -> dict:
+        return {"source": self.source, "channels": self.channels, "weight": self.weight.tolist(),
+                "bias": self.bias.tolist(), "r2": list(self.r2) if self.r2 is not None else None}
+
+
+def family_preview(family) -> LinearPreview:
+    """The published map of a family (name or LatentFamily), folded onto raw latents."""
+    fam = family if isinstance(family, LatentFamily) else get_family(family)
+    factors = fam.rgb_matrix().double()                      # [C, 3] on model-space latents
+    weight = fam.scale * factors
+    bias = fam.rgb_bias_vector().double() - fam.scale * fam.shift * factors.sum(0)
+    return LinearPreview(weight.float(), bias.float(), fam.name)
+
+
+def pooled_target(image: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Decoded `[B, 3, H, W]` → its mean over each latent cell's pixels `[B, 3, h, w]`."""
+    return F.adaptive_avg_pool2d(image.detach().float().cpu(), (h, w))
+
+
+def fit_linear(z: torch.Tensor, target: torch.Tensor, ridge: float = 1e-6) -> LinearPreview:
+    """Least squares `target ≈ z @ W + b` over every cell of the batch (z `[B, C, h, w]`, target
+    `[B, 3, h, w]`); a tiny ridge keeps it solvable when channels are constant or collinear."""
+    check_latent(z)
+    b, c, h, w = z.shape
+    if tuple(target.shape) != (b, 3, h, w):
+        raise InputError("target", f"shape {list(target.shape)}", f"[{b}, 3, {h}, {w}]")
+    x = z.detach().double().cpu().permute(0, 2, 3, 1).reshape(-1, c)
+    y = target.detach().double().cpu().permute(0, 2, 3, 1).reshape(-1, 3)
+    finite = torch.isfinite(x).all(1) & torch.isfinite(y).all(1)
+    x, y = x[finite], y[finite]
+    if x.shape[0] < c + 1:
+        raise InputError("latent", f"only {x.shape[0]} usable cells for {c} channels", f"at least {c + 1} finite cells")
+    design = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+    gram = design.T @ design + ridge * torch.eye(c + 1, dtype=x.dtype) * len(x)
+    coef = torch.linalg.solve(gram, design.T @ y)            # [C+1, 3]
+    resid = y - design @ coef
+    var = (y - y.mean(0)).pow(2).sum(0)
+    r2 = tuple(float(1 - r / v) if v > 0 else 1.0 for r, v in zip(resid.pow(2).sum(0), var))
+    return LinearPreview(coef[:c].float(), coef[c].float(), "fit", r2)
+
+
+@torch.no_grad()
+def fit_preview(z: torch.Tensor, decode_fn: Callable[[torch.Tensor], torch.Tensor], index: int = 0) -> LinearPreview:
+    """Fit a preview map for an unknown VAE from one decode of latent `index` of `z`."""
+    check_latent(z)
+    if not 0 <= index < z.shape[0]:
+        raise InputError("index", f"{index}", f"0..{z.shape[0] - 1}")
+    one = z[index:index + 1]
+    decoded = decode_fn(one)
+    return fit_linear(one, pooled_target(decoded, *one.shape[-2:]))
+
+
+def preview_for(z: torch.Tensor, family: Optional[str] = None,
+                decode_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> LinearPreview:
+    """The map to use: `family` when given ("auto": the only known family with this channel count),
+    else a fit from `decode_fn`."""
+    check_latent(z)
+    c = z.shape[1]
+    if family == "auto":
+        matches = families_with_channels(c)
+        family = matches[0].name if len(matches) == 1 else None
+        if family is None and decode_fn is None:
+            names = ", ".join(f.name for f in matches) or "none"
+            raise InputError("family", f"'auto' cannot choose for {c} channels (known: {names})",
+                             "a family name, or a decoder to fit a map")
+    if family:
+        fam = get_family(family)
+        if fam.channels != c:
+            names = ", ".join(f.name for f in families_with_channels(c)) or "no known family"
+            raise InputError("family", f"{fam.name} latents have {fam.channels} channels, this one has {c}",
+                             f"a family with {c} channels ({names}) or a decoder to fit a map")
+        return family_preview(fam)
+    if decode_fn is None:
+        raise InputError("family", "no family and no decoder given", "a family name or a decoder to fit a map")
+    return fit_preview(z, decode_fn)
