@@ -22,6 +22,7 @@ from . import host
 
 DecodeFn = Callable[[torch.Tensor], torch.Tensor]
 _DECODES_TO_MINUS_ONE_ONE = ("AutoencodingEngine", "TAESD")  # KL VAEs (SD1.x..Flux) and TAESD
+GRAD_MEMORY_FACTOR = 3  # a decode that keeps its activations for backward needs about this much more
 _ENCODER_PARTS = ("fsm.encoder.", "fsm.quant_conv.", "fsm.taesd_encoder.")  # not run by decode
 
 
@@ -63,10 +64,11 @@ def decode_fn(vae, differentiable: bool = False) -> DecodeFn:
     wrapper = _Decode(fsm)
 
     def decode(z: torch.Tensor) -> torch.Tensor:
-        memory = vae.memory_used_decode(z.shape, vae.vae_dtype)
+        grads = differentiable and torch.is_grad_enabled()
+        memory = vae.memory_used_decode(z.shape, vae.vae_dtype) * (GRAD_MEMORY_FACTOR if grads else 1)
         host.mm.load_models_gpu([vae.patcher], memory_required=memory, force_full_load=vae.disable_offload)
         x = z.to(vae.device).to(vae.vae_dtype)
-        if differentiable and torch.is_grad_enabled():
+        if grads:
             out = torch.func.functional_call(wrapper, _normal_copies(wrapper), (x,))
         else:
             with torch.no_grad():

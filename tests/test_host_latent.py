@@ -24,6 +24,7 @@ from host_server import PACK_FOLDER, HostServer, build_tiny_sd15, status_message
 from vae_files import write_state_dict, write_vae
 
 from vae_fix.images import save_png
+from vae_fix.latent_preview import family_preview
 from vae_fix.loader import save_vae
 from vae_fix.model import VAEConfig, preset_config
 from vae_fix.planted import planted_vae
@@ -31,7 +32,8 @@ from vae_fix.planted import planted_vae
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOWS = REPO / "workflows"
-NODE_IDS = ("VAEFixLatentChannelEdit", "VAEFixLatentStatistics", "VAEFixLatentReachMap", "VAEFixLatentCellReach")
+NODE_IDS = ("VAEFixLatentChannelEdit", "VAEFixLatentStatistics", "VAEFixLatentReachMap", "VAEFixLatentCellReach",
+            "VAEFixLatentPreviewRGB", "VAEFixRepairLatent", "VAEFixCompareVAEs")
 SMUGGLER_CELL = (9, 21)  # 32x32 latent grid of a 128 px image (small SD layout: 4x)
 pytestmark = pytest.mark.host
 
@@ -169,6 +171,20 @@ def reach_map(vae: list, latent: list, **widgets) -> dict:
 
 def cell_reach(vae: list, latent: list, **widgets) -> dict:
     return {"class_type": "VAEFixLatentCellReach", "inputs": {"vae": vae, "latent": latent, **CELL_DEFAULTS, **widgets}}
+
+
+REPAIR_DEFAULTS = {"source": "auto", "posterior_threshold": 5.0, "latent_threshold": 8.0, "window": 3, "measure_cells": 8,
+                   "fast_map": True}
+COMPARE_DEFAULTS = {"name_a": "A", "name_b": "B", "window": 3, "reach": True, "size_policy": "crop", "colormap": "magma"}
+
+
+def repair_node(vae: list, latent: list, **widgets) -> dict:
+    return {"class_type": "VAEFixRepairLatent", "inputs": {"vae": vae, "latent": latent, **REPAIR_DEFAULTS, **widgets}}
+
+
+def compare_node(vae_a: list, vae_b: list, image: list, **widgets) -> dict:
+    return {"class_type": "VAEFixCompareVAEs", "inputs": {"vae_a": vae_a, "vae_b": vae_b, "image": image,
+                                                          **COMPARE_DEFAULTS, **widgets}}
 
 
 def encoded(vae_name: str, image: str, *extra_nodes: tuple[str, dict]) -> dict:
@@ -366,6 +382,107 @@ def test_statistics_of_a_16_channel_latent(host):
     assert histogram.shape[0] > 400 and histogram.shape[1] > 800 and histogram.std() > 5
 
 
+# ---------------------------------------------------------------- workflow: repair before decoding
+
+REPAIR = "vae_fix_repair_before_decoding"
+
+
+def test_repair_workflow_takes_the_smuggling_cell_out(host):
+    prompt = use_models(api_workflow(REPAIR), SMUGGLER)
+    repair, encoder = id_of(prompt, "VAEFixRepairLatent"), id_of(prompt, "VAEEncode")
+    prompt["before"], prompt["after"] = save_latent([encoder, 0], "repair_before"), save_latent([repair, 0], "repair_after")
+    outputs = succeeded(host.run(prompt))
+    report = json.loads(text_of(outputs, fed_by(prompt, "PreviewAny", repair, 2)))
+    image = report["images"][0]
+    assert report["source"] == "posterior" and image["cells"] == [list(SMUGGLER_CELL)]
+    before, after = saved_latent(host, outputs, "before"), saved_latent(host, outputs, "after")
+    assert (after != before).any(dim=1)[0].nonzero().tolist() == [list(SMUGGLER_CELL)]  # that cell only
+    y, x = SMUGGLER_CELL
+    neighbours = before[0, :, y - 1:y + 2, x - 1:x + 2].reshape(4, 9)[:, [0, 1, 2, 3, 5, 6, 7, 8]]
+    assert torch.allclose(after[0, :, y, x], neighbours.median(dim=1).values)
+    reach_before, reach_after = image["fast_reach_before"], image["fast_reach_after"]
+    assert (reach_before["top_cells"][0]["y"], reach_before["top_cells"][0]["x"]) == SMUGGLER_CELL
+    assert reach_after["max"] < reach_before["max"] / 5  # nothing reaches that far any more
+    assert image["cell_reach_before"][0]["mean_far"] > 0.02 and image["image_change"]["far_mean_abs"] > 0.02
+    picture = images_of(host, outputs, fed_by(prompt, "SaveImage", repair, 1))[0]
+    assert picture.shape[0] > 128 and picture.shape[1] > 3 * 128  # before | after | difference
+    decoded = images_of(host, outputs, fed_by(prompt, "SaveImage", id_of(prompt, "VAEDecode"), 0))[0]
+    assert decoded.shape == (128, 128, 3)
+    write_thumbnail(REPAIR, picture)
+
+
+def test_rgb_previews_of_the_repair_workflow_use_the_sd1_factors(host):
+    prompt = use_models(api_workflow(REPAIR), SMUGGLER)
+    encoder, repair = id_of(prompt, "VAEEncode"), id_of(prompt, "VAEFixRepairLatent")
+    original = fed_by(prompt, "VAEFixLatentPreviewRGB", encoder, 0)
+    prompt = {k: n for k, n in prompt.items() if k in (original, encoder) or n["class_type"] in ("VAEFixLoadVAE", "LoadImage")}
+    prompt["info"], prompt["z"] = preview_text([original, 1]), save_latent([encoder, 0], "preview")
+    outputs = succeeded(host.run(prompt))
+    assert json.loads(text_of(outputs, "info"))["source"] == "sd1"
+    z = saved_latent(host, outputs, "z")
+    scale = prompt[original]["inputs"]["scale"]
+    want = family_preview("sd1").image(z, scale)[0].permute(1, 2, 0).numpy()
+    got = images_of(host, outputs, original)[0].astype(np.float32) / 255
+    assert got.shape == want.shape == (32 * scale, 32 * scale, 3)
+    assert np.abs(got - want).max() <= 1 / 255 + 1e-6
+
+
+@pytest.mark.parametrize("family,channels", [("fit from the VAE", 16), ("auto", 16)], ids=["fit", "auto_with_vae"])
+def test_rgb_preview_fits_a_map_for_other_vaes(host, family, channels):
+    prompt = encoded(WIDE, IMAGE, ("4", {"class_type": "VAEFixLatentPreviewRGB", "inputs": {
+        "latent": ["3", 0], "family": family, "scale": 4, "vae": ["1", 0]}}), ("5", preview_text(["4", 1])))
+    outputs = succeeded(host.run(prompt))
+    info = json.loads(text_of(outputs, "5"))
+    assert info["source"] == "fit" and info["channels"] == channels and len(info["r2"]) == 3
+    assert images_of(host, outputs, "4")[0].shape == (128, 128, 3)
+
+
+# ---------------------------------------------------------------- workflow: compare two VAEs
+
+COMPARE = "vae_fix_compare_two_vaes"
+
+
+def compare_prompt(vae_a: str, vae_b: str) -> dict:
+    prompt = use_models(api_workflow(COMPARE), vae_a)
+    node = prompt[id_of(prompt, "VAEFixCompareVAEs")]["inputs"]
+    prompt[node["vae_b"][0]]["inputs"]["vae_name"] = vae_b
+    return prompt
+
+
+def test_compare_workflow_tells_the_smuggler_from_the_clean_vae(host):
+    prompt = compare_prompt(SMUGGLER, CLEAN)
+    compare = id_of(prompt, "VAEFixCompareVAEs")
+    name_a, name_b = (prompt[compare]["inputs"][k] for k in ("name_a", "name_b"))
+    outputs = succeeded(host.run(prompt))
+    report = json.loads(text_of(outputs, fed_by(prompt, "PreviewAny", compare, 1)))
+    row = report["images"][0]
+    a, b = row[name_a], row[name_b]
+    assert a["anomaly_count"] == 1 and (a["anomalies"][0]["y"], a["anomalies"][0]["x"]) == SMUGGLER_CELL
+    assert a["clamp_floor_cells"] == 1 and a["logvar_raw_min"] < -40
+    assert b["anomaly_count"] == 0 and b["clamp_floor_cells"] == 0 and row["b_minus_a"]["anomaly_count"] == -1
+    top = a["worst_reach"]["top_cells"][0]
+    assert (top["y"], top["x"]) == SMUGGLER_CELL
+    assert a["psnr_db"] > 5 and b["psnr_db"] > 5
+    summary = text_of(outputs, fed_by(prompt, "PreviewAny", compare, 2)).splitlines()
+    assert summary[0].startswith(f"{name_a}: 4 channels, 1 anomalous cells") and summary[1].startswith(f"{name_b}:")
+    picture = images_of(host, outputs, fed_by(prompt, "SaveImage", compare, 0))[0]
+    assert picture.shape[0] >= 256 and picture.shape[1] > 5 * 256  # image, 2 reconstructions, 2 maps, colour bar
+    write_thumbnail(COMPARE, picture)
+
+
+def test_compare_vaes_with_different_channel_counts(host):
+    prompt = compare_prompt(SMUGGLER, WIDE)
+    compare = id_of(prompt, "VAEFixCompareVAEs")
+    prompt[compare]["inputs"]["reach"] = False
+    prompt["a"], prompt["b"] = ({"class_type": "SaveImage", "inputs": {"images": [compare, slot], "filename_prefix": f"recon{slot}"}}
+                                for slot in (3, 4))
+    outputs = succeeded(host.run(prompt))
+    report = json.loads(text_of(outputs, fed_by(prompt, "PreviewAny", compare, 1)))
+    assert [v["latent_channels"] for v in report["vaes"]] == [4, 16]
+    assert "worst_reach" not in report["images"][0][prompt[compare]["inputs"]["name_b"]]
+    assert images_of(host, outputs, "a")[0].shape == images_of(host, outputs, "b")[0].shape == (128, 128, 3)
+
+
 # ---------------------------------------------------------------- bad inputs: node errors, server keeps going
 
 @pytest.mark.parametrize("nodes,node_type,words", [
@@ -377,7 +494,14 @@ def test_statistics_of_a_16_channel_latent(host):
      "VAEFixLatentChannelEdit", ("mask", "aspect")),
     ((("4", cell_reach(["1", 0], ["3", 0], cells="9,21; 40,3")),), "VAEFixLatentCellReach", ("cells", "(40, 3)", "32x32")),
     ((("4", reach_map(["1", 0], ["3", 0], window=20)),), "VAEFixLatentReachMap", ("window", "no far field")),
-], ids=["channel_out_of_range", "swap_overlap", "mask_wrong_shape", "cell_outside", "window_too_large"])
+    ((("4", {"class_type": "VAEFixLatentPreviewRGB", "inputs": {"latent": ["3", 0], "family": "SD3", "scale": 4}}),),
+     "VAEFixLatentPreviewRGB", ("family", "16 channels", "this one has 4")),
+    ((("4", {"class_type": "VAEFixLatentPreviewRGB", "inputs": {"latent": ["3", 0], "family": "fit from the VAE",
+                                                              "scale": 4}}),), "VAEFixLatentPreviewRGB", ("vae",)),
+    ((("4", repair_node(["1", 0], ["3", 0], source="posterior anomalies (needs image)")),), "VAEFixRepairLatent", ("image",)),
+    ((("4", compare_node(["1", 0], ["1", 0], ["2", 0], name_b="A")),), "VAEFixCompareVAEs", ("names", "'A'")),
+], ids=["channel_out_of_range", "swap_overlap", "mask_wrong_shape", "cell_outside", "window_too_large",
+        "preview_wrong_family", "fit_without_vae", "posterior_without_image", "same_names"])
 def test_bad_inputs_are_node_errors(host, nodes, node_type, words):
     prompt = encoded(CLEAN, IMAGE, *nodes, ("out", preview_text(["4", 0])))
     err = failed(host.run(prompt))
@@ -395,6 +519,28 @@ def test_reach_refuses_a_vae_that_decodes_no_image_latents(host):
     err = failed(host.run(prompt))
     assert err["node_type"] == "VAEFixLatentReachMap" and "pixel-space" in err["exception_message"]
     server_still_serves(host)
+
+
+@pytest.mark.parametrize("node", ["repair", "compare"])
+def test_taesd_has_no_posterior_for_repair_and_compare(host, node):
+    prompt = {"1": {"class_type": "VAELoader", "inputs": {"vae_name": "taesd"}}, "2": load_image(IMAGE),
+              "3": encode(["2", 0], ["1", 0]), "b": ours(CLEAN),
+              "4": repair_node(["1", 0], ["3", 0], image=["2", 0]) if node == "repair" else
+              compare_node(["b", 0], ["1", 0], ["2", 0]),
+              "5": preview_text(["4", 2])}
+    err = failed(host.run(prompt))
+    assert err["node_type"] == prompt["4"]["class_type"] and err["exception_type"].endswith("InputError")
+    assert "TAESD" in err["exception_message"] and "no posterior variance" in err["exception_message"]
+    server_still_serves(host)
+
+
+def test_repair_of_latent_outliers_runs_with_taesd(host):
+    """Without an image, cells come from the latent alone: any decoder will do (TAESD here)."""
+    prompt = {"1": {"class_type": "VAELoader", "inputs": {"vae_name": "taesd"}}, "2": load_image(IMAGE),
+              "3": encode(["2", 0], ["1", 0]),
+              "4": repair_node(["1", 0], ["3", 0], fast_map=False), "5": preview_text(["4", 2])}
+    report = json.loads(text_of(succeeded(host.run(prompt)), "5"))
+    assert report["source"] == "latent" and report["latent_shape"] == [1, 4, 16, 16]
 
 
 def test_reach_map_runs_with_taesd(host):

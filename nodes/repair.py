@@ -1,0 +1,97 @@
+"""Repair Latent: neutralise anomalous latent cells before decoding, with a before/after report."""
+from __future__ import annotations
+
+import json
+
+from comfy_api.latest import io, ui
+
+from ..vae_fix import anomaly, repair
+from ..vae_fix.errors import InputError
+from . import convert, host, host_decode
+from .inspect import read_posterior
+
+SOURCES = {
+    "auto": "auto",
+    "posterior anomalies (needs image)": "posterior",
+    "latent outliers": "latent",
+}
+
+
+def flagged_cells(vae, z, image, source: str, posterior_threshold: float, latent_threshold: float):
+    """(mask `[B, h, w]`, scores or None, source used): which cells of `z [B, C, h, w]` to repair."""
+    if source == "auto":
+        source = "posterior" if image is not None else "latent"
+    if source == "latent":
+        mask, scores = repair.latent_outliers(z, threshold=latent_threshold)
+        return mask, scores, source
+    if image is None:
+        raise InputError("image", "'posterior anomalies' needs the image the latent was encoded from",
+                         "the image connected to 'image', or source 'latent outliers'")
+    post, _ = read_posterior(vae, image, "crop")  # crop: as core's VAE Encode does
+    if tuple(post.mean.shape) != tuple(z.shape):
+        raise InputError("image", f"it encodes to a latent of shape {list(post.mean.shape)}, the latent is {list(z.shape)}",
+                         "the image the latent was made from with this VAE (VAE Encode of it)")
+    found = [anomaly.find_anomalies(post, i, threshold=posterior_threshold) for i in range(post.batch)]
+    return repair.anomaly_mask(found, *z.shape[:1], *z.shape[-2:]), None, source
+
+
+class RepairLatent(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="VAEFixRepairLatent",
+            display_name="Repair Latent",
+            category="VAE Fix/repair",
+            description=("Before decoding, replaces anomalous latent cells (the SD-VAE 'black holes' that smuggle global "
+                         "information) by the median of their healthy neighbours, and reports what that changed: the "
+                         "reach of each repaired cell, the reach map's worst cell before and after, and the change of "
+                         "the decoded image. Cells come from the encoder's posterior (connect the image) or from outliers "
+                         "of the latent alone (e.g. after a sampler)."),
+            inputs=[
+                io.Vae.Input("vae", tooltip="The VAE that decodes the latent (and encoded it, for posterior anomalies)."),
+                io.Latent.Input("latent", tooltip="The latent to repair: from VAE Encode, a sampler, Load Latent, ..."),
+                io.Combo.Input("source", options=list(SOURCES), default="auto",
+                               tooltip="Which cells: anomalies of the encoder's posterior (log-variance holes and mean spikes; "
+                                       "needs 'image'), outliers of the latent alone (robust z per channel), or 'auto' "
+                                       "(posterior when an image is connected, else latent outliers)."),
+                io.Float.Input("posterior_threshold", default=anomaly.DEFAULT_THRESHOLD, min=0.0, max=100.0, step=0.5,
+                               tooltip="Posterior anomalies: how many robust standard deviations a cell's log-variance must "
+                                       "fall below the image's typical value (as in Inspect VAE)."),
+                io.Float.Input("latent_threshold", default=anomaly.DEFAULT_MEAN_THRESHOLD, min=0.0, max=100.0, step=0.5,
+                               tooltip="Latent outliers: how many robust standard deviations a value must sit from its "
+                                       "channel's median (edges reach 3-6, so only far larger ones count)."),
+                io.Int.Input("window", default=3, min=0, max=64,
+                             tooltip="Near field around each cell, in cells, for the reach and far-change numbers."),
+                io.Int.Input("measure_cells", default=8, min=0, max=256,
+                             tooltip="Per latent, how many repaired cells get the exact reach measure (one decode each)."),
+                io.Boolean.Input("fast_map", default=True,
+                                 tooltip="Also compare the reach maps before and after (two backward-pass maps per latent)."),
+                io.Image.Input("image", optional=True,
+                               tooltip="Optional: the image the latent was encoded from, to find cells from the posterior."),
+            ],
+            outputs=[
+                io.Latent.Output("repaired", display_name="LATENT",
+                                 tooltip="A copy of the latent with the flagged cells replaced; noise_mask and other keys kept."),
+                io.Image.Output("picture", display_name="picture",
+                                tooltip="Per latent: decoded before (repaired cells boxed) | after | |after - before|."),
+                io.String.Output("report", display_name="report",
+                                 tooltip="JSON: the cells repaired, the image change (everywhere and away from the cells), "
+                                         "each cell's exact reach before, and the reach map's worst cells before and after."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, vae, latent, source, posterior_threshold, latent_threshold, window, measure_cells, fast_map,
+                image=None) -> io.NodeOutput:
+        z = convert.latent_samples(latent)
+        decode = host_decode.decode_fn(vae, differentiable=fast_map)  # refuses what cannot decode images
+        mask, scores, used = flagged_cells(vae, z, image, SOURCES.get(source, source), posterior_threshold,
+                                           latent_threshold)
+        result = repair.repair_latent(decode, z, mask, scores=scores, window=window, measure_cells=measure_cells,
+                                      fast_map=fast_map, source=used, progress=host.progress_fn())
+        pictures = convert.images_to_batch([repair.repair_picture(result, i) for i in range(z.shape[0])])
+        out = convert.with_samples(latent, result.latent.to(z.device))
+        return io.NodeOutput(out, pictures, json.dumps(result.report, indent=2), ui=ui.PreviewImage(pictures, cls=cls))
+
+
+NODES = [RepairLatent]
