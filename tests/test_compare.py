@@ -1,7 +1,15 @@
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
+
+from vae_fix.cli import main
+from vae_fix.images import save_png
+from vae_fix.loader import save_vae
 
 from vae_fix.compare import VAESide, compare_vaes
 from vae_fix.errors import InputError
@@ -64,3 +72,45 @@ def test_encoder_only_side_and_same_names(pair):
     assert result.reconstructions[1] is None and "psnr_db" not in result.report["images"][0]["encoder-only"]
     with pytest.raises(InputError, match="both VAEs are called"):
         compare_vaes(side("x", holed), side("x", smooth), holed.image)
+
+
+# ---------------------------------------------------------------- CLI
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_cli_compare(pair, tmp_path, capsys):
+    holed, smooth = pair
+    a, b = save_vae(holed.model, tmp_path / "holed.safetensors"), save_vae(smooth.model, tmp_path / "smooth.safetensors")
+    image = save_png(holed.image[0], tmp_path / "demo.png")
+    small = save_png(holed.image[0, :, :64, :96], tmp_path / "crop.png")  # another size
+    out = tmp_path / "out"
+    assert main(["compare", "--vae-a", str(a), "--vae-b", str(b), "--image", str(image), "--image", str(small),
+                 "--out", str(out), "--no-reach"]) == 0
+    rep = json.loads((out / "compare.json").read_text())
+    assert [v["name"] for v in rep["vaes"]] == ["holed.safetensors", "smooth.safetensors"]
+    assert [row["index"] for row in rep["images"]] == [0, 1]
+    assert rep["images"][0]["path"] == str(image) and rep["images"][1]["holed.safetensors"]["latent_size"] == [16, 24]
+    assert rep["summary"]["holed.safetensors"]["anomalies"] >= 1 and rep["summary"]["smooth.safetensors"]["anomalies"] == 0
+    for f in rep["files"]:
+        with Image.open(f) as im:
+            assert im.size[0] > 5 * 96
+    assert "holed.safetensors:" in capsys.readouterr().out
+    same = tmp_path / "same"
+    assert main(["compare", "--vae-a", str(a), "--vae-b", str(a), "--image", str(small), "--out", str(same),
+                 "--no-reach"]) == 0
+    assert [v["name"] for v in json.loads((same / "compare.json").read_text())["vaes"]] == \
+        ["A holed.safetensors", "B holed.safetensors"]
+
+
+def test_cli_compare_bad_input(tmp_path, capsys):
+    assert main(["compare", "--vae-a", "a.safetensors", "--vae-b", "b.safetensors", "--image",
+                 str(tmp_path / "none.png"), "--out", str(tmp_path / "o")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    save_png(torch.rand(3, 32, 32), tmp_path / "x.png")
+    assert main(["compare", "--vae-a", str(tmp_path / "missing.safetensors"), "--vae-b", "b", "--image",
+                 str(tmp_path / "x.png"), "--out", str(tmp_path / "o")]) == 2
+    assert "Cannot load VAE" in capsys.readouterr().err
+    r = subprocess.run([sys.executable, "-m", "vae_fix", "compare", "--help"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and "--vae-b" in r.stdout

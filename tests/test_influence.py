@@ -1,6 +1,16 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
+
+from vae_fix.cli import main
+from vae_fix.commands.stats import write_latent
+from vae_fix.loader import save_vae
 
 from vae_fix.errors import InputError
 from vae_fix.influence import (exact_reach, fast_reach_map, neighbour_median, perturbation, reach_to_map,
@@ -147,3 +157,66 @@ def test_exact_bad_cells():
         exact_reach(local_plus_global, torch.zeros(1, 4, 16, 16), [(16, 0)], window=2)
     with pytest.raises(InputError, match="not a \\(y, x\\) pair"):
         exact_reach(local_plus_global, torch.zeros(1, 4, 16, 16), ["a"], window=2)
+
+
+# ---------------------------------------------------------------- CLI
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def strict_json(path):
+    def refuse(name):
+        raise ValueError(f"non-JSON constant {name}")
+    return json.loads(Path(path).read_text(), parse_constant=refuse)
+
+
+@pytest.fixture(scope="module")
+def cli_files(tmp_path_factory, sd_small):
+    d = tmp_path_factory.mktemp("influence_cli")
+    return {"vae": save_vae(sd_small, d / "sd_small.safetensors"),
+            "latent": write_latent(spiked_latent(), d / "spiked.latent")}
+
+
+def test_cli_influence_ranks_the_spikes(cli_files, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(["influence", "--vae", str(cli_files["vae"]), "--latent", str(cli_files["latent"]),
+               "--out", str(out), "--window", "2", "--exact", "5"])
+    assert rc == 0
+    data = strict_json(out / "influence.json")
+    spikes = [list(c) for c, _ in SPIKES]
+    assert [[c["y"], c["x"]] for c in data["fast"]["top_cells"][:5]] == spikes
+    assert [[r["y"], r["x"]] for r in data["exact"]] == spikes
+    assert data["agreement"]["same_order"] and data["agreement"]["spearman"] == pytest.approx(1.0)
+    assert len(data["fast"]["map"]) == 16 and data["fast"]["passes"] == 9
+    for name in ("reach_map", "reach_overlay"):
+        with Image.open(data["files"][name]) as im:
+            assert im.size[0] > 64
+    assert "same order" in capsys.readouterr().out
+
+
+def test_cli_influence_exact_cells_only(cli_files, tmp_path):
+    out = tmp_path / "out"
+    assert main(["influence", "--vae", str(cli_files["vae"]), "--latent", str(cli_files["latent"]), "--out",
+                 str(out), "--window", "2", "--no-fast", "--cells", "3,3; 0,0"]) == 0
+    data = strict_json(out / "influence.json")
+    assert "fast" not in data and [(r["y"], r["x"]) for r in data["exact"]] == [(3, 3), (0, 0)]
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--cells", "99,0"], "Invalid --cells: cell 99,0 is outside the 16x16 latent"),
+    (["--cells", "1;2"], "Invalid --cells: cannot read '1'"),
+    (["--no-fast"], "Invalid --no-fast"), (["--window", "9"], "Invalid window"),
+    (["--index", "3"], "Invalid --index"),
+])
+def test_cli_influence_bad_input_exits_2(cli_files, tmp_path, capsys, extra, needle):
+    rc = main(["influence", "--vae", str(cli_files["vae"]), "--latent", str(cli_files["latent"]),
+               "--out", str(tmp_path / "o"), *extra])
+    assert rc == 2 and needle in capsys.readouterr().err
+
+
+def test_cli_influence_help_and_usage_errors():
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "vae_fix", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    shown = run("influence", "--help")
+    assert shown.returncode == 0 and "--exact-all" in shown.stdout
+    assert run("influence", "--out", "x").returncode == 2  # --vae and a source are required

@@ -1,7 +1,15 @@
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+from vae_fix.cli import main
+from vae_fix.commands.stats import read_latent, write_latent
+from vae_fix.images import save_png
+from vae_fix.loader import save_vae
 
 from vae_fix.anomaly import find_anomalies
 from vae_fix.errors import InputError
@@ -89,3 +97,58 @@ def test_progress_and_bad_mask():
     assert seen == [(0, 3), (1, 3), (2, 3), (3, 3)]
     with pytest.raises(InputError, match=r"mask of shape \[3, 3\]"):
         repair_latent(vae.decode, z, torch.zeros(3, 3, dtype=torch.bool))
+
+
+# ---------------------------------------------------------------- CLI
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cli_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("repair_cli")
+    planted = planted_vae(preset_config("sd", small=True), cell=(9, 21))
+    return {"planted": save_vae(planted.model, d / "planted.safetensors"),
+            "image": save_png(planted.image[0], d / "demo.png"),
+            "random": save_vae(random_vae(preset_config("sd", small=True), seed=1), d / "random.safetensors"),
+            "latent": write_latent(spiked(), d / "spiked.latent")}
+
+
+def test_cli_repair_from_an_image(cli_files, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["repair", "--vae", str(cli_files["planted"]), "--image", str(cli_files["image"]),
+                 "--out", str(out), "--no-fast-map"]) == 0
+    rep = json.loads((out / "repair.json").read_text())
+    assert rep["source"] == "posterior" and [9, 21] in rep["images"][0]["cells"]
+    fixed = read_latent(out / "repaired.latent")
+    assert fixed.shape == (1, 4, 32, 32)
+    assert (out / "repair_0.png").is_file() and "cells repaired" in capsys.readouterr().out
+
+
+def test_cli_repair_from_a_latent(cli_files, tmp_path):
+    out = tmp_path / "out"
+    assert main(["repair", "--vae", str(cli_files["random"]), "--latent", str(cli_files["latent"]),
+                 "--out", str(out), "--window", "2"]) == 0
+    rep = json.loads((out / "repair.json").read_text())
+    assert rep["source"] == "latent" and sorted(map(tuple, rep["images"][0]["cells"])) == sorted(c for c, _ in SPIKES)
+    fixed = read_latent(out / "repaired.latent")
+    assert fixed.abs().max() < 10 and rep["images"][0]["fast_reach_after"]["max"] < rep["images"][0]["fast_reach_before"]["max"]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--source", "posterior"], "Invalid --source"), (["--threshold", "-1"], "Invalid --threshold"),
+    (["--measure-cells", "-2"], "Invalid --measure-cells"),
+])
+def test_cli_repair_bad_input_exits_2(cli_files, tmp_path, capsys, args, needle):
+    assert main(["repair", "--vae", str(cli_files["random"]), "--latent", str(cli_files["latent"]),
+                 "--out", str(tmp_path / "o"), *args]) == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_cli_repair_wrong_channel_count_and_help(cli_files, tmp_path, capsys):
+    wrong = write_latent(torch.randn(1, 16, 8, 8), tmp_path / "z16.latent")
+    assert main(["repair", "--vae", str(cli_files["random"]), "--latent", str(wrong), "--out", str(tmp_path / "o")]) == 2
+    assert "16 channels, but the VAE's latents have 4" in capsys.readouterr().err
+    r = subprocess.run([sys.executable, "-m", "vae_fix", "repair", "--help"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and "--source" in r.stdout

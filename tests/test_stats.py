@@ -1,8 +1,16 @@
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from vae_fix.cli import main
+from vae_fix.commands.stats import read_latent, write_latent
 
 from vae_fix.errors import InputError
 from vae_fix.families import FAMILIES, families_with_channels, get_family
@@ -69,3 +77,70 @@ def test_families_data():
     torch.testing.assert_close(get_family("sd3").to_raw(get_family("sd3").to_model_space(z)), z)
     with pytest.raises(InputError, match="unknown latent family 'sd9'"):
         get_family("sd9")
+
+
+# ---------------------------------------------------------------- CLI
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_cli_stats_on_a_latent_file(tmp_path, capsys):
+    z = torch.randn(2, 4, 16, 12, generator=torch.Generator().manual_seed(0)) / 0.18215
+    path = write_latent(z, tmp_path / "z.latent")
+    torch.testing.assert_close(read_latent(path), z)
+    out = tmp_path / "out"
+    assert main(["stats", "--latent", str(path), "--out", str(out), "--family", "sd1"]) == 0
+    data = json.loads((out / "stats.json").read_text())
+    assert data["shape"] == [2, 4, 16, 12]
+    assert data["overall"]["implied_scale"] == pytest.approx(0.18215, rel=0.1)
+    assert data["preview"]["source"] == "sd1"
+    with Image.open(out / "preview_1.png") as im:
+        assert im.size == (12 * 8, 16 * 8)
+    with Image.open(out / "histogram.png") as im:
+        assert im.size == (4 * 300, 170)
+    printed = capsys.readouterr().out
+    assert "implied scale 1/std" in printed and "SD1.x" in printed
+
+
+def test_cli_stats_reads_comfyui_latent_files(tmp_path):
+    z = torch.randn(1, 4, 8, 8)
+    save_file({"latent_tensor": z * 0.18215}, str(tmp_path / "old.latent"))  # pre-version SD1 file
+    torch.testing.assert_close(read_latent(tmp_path / "old.latent"), z)
+    save_file({"samples": z[0]}, str(tmp_path / "plain.safetensors"))
+    assert read_latent(tmp_path / "plain.safetensors").shape == (1, 4, 8, 8)
+
+
+def test_cli_stats_auto_family_skips_ambiguous_preview(tmp_path, capsys):
+    path = write_latent(torch.randn(1, 4, 8, 8), tmp_path / "z.latent")
+    assert main(["stats", "--latent", str(path), "--out", str(tmp_path / "o")]) == 0
+    assert "preview skipped" in capsys.readouterr().out
+    path16 = write_latent(torch.randn(1, 16, 8, 8), tmp_path / "z16.latent")
+    assert main(["stats", "--latent", str(path16), "--out", str(tmp_path / "o16"), "--family", "flux"]) == 0
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--family", "sd3"], "Invalid --family: sd3 latents have 16 channels"),
+    (["--bins", "1"], "Invalid --bins"),
+])
+def test_cli_stats_bad_input_exits_2(tmp_path, capsys, args, needle):
+    path = write_latent(torch.randn(1, 4, 8, 8), tmp_path / "z.latent")
+    assert main(["stats", "--latent", str(path), "--out", str(tmp_path / "o"), *args]) == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_cli_stats_bad_sources_exit_2(tmp_path, capsys):
+    save_file({"a": torch.zeros(1, 4, 2, 2), "b": torch.zeros(1, 4, 2, 2)}, str(tmp_path / "two.safetensors"))
+    (tmp_path / "junk.latent").write_bytes(b"not a safetensors file")
+    cases = [(["--latent", str(tmp_path / "missing.latent")], "no such file"),
+             (["--latent", str(tmp_path / "two.safetensors")], "cannot tell which tensor"),
+             (["--latent", str(tmp_path / "junk.latent")], "not a readable safetensors file"),
+             (["--image", str(tmp_path / "x.png")], "an image needs a VAE")]
+    for args, needle in cases:
+        assert main(["stats", *args, "--out", str(tmp_path / "o")]) == 2
+        assert needle in capsys.readouterr().err
+
+
+def test_cli_stats_help():
+    r = subprocess.run([sys.executable, "-m", "vae_fix", "stats", "--help"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and "--family" in r.stdout

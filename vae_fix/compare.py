@@ -169,3 +169,16 @@ def _stack(rows, gap):
         out[:, y:y + r.shape[1], :r.shape[2]] = r
         y += r.shape[1] + gap
     return out
+
+
+def merge_reports(reports: list[dict]) -> dict:
+    """One report from several `compare_vaes` runs of the same two VAEs (e.g. one per image size)."""
+    if not reports:
+        raise InputError("reports", "none given", "at least one compare report")
+    names = [v["name"] for v in reports[0]["vaes"]]
+    images = []
+    for rep in reports:
+        for row in rep["images"]:
+            images.append({**row, "index": len(images)})
+    summary = {n: _summary([row[n] for row in images]) for n in names}
+    return {**reports[0], "images": images, "summary": json_safe(summary)}
