@@ -42,7 +42,7 @@ def parse_indices(spec, count: int, name: str, what: str, empty_means_all: bool 
         except ValueError:
             raise InputError(name, f"cannot read {part!r}", f"{what} indices such as {example}") from None
         if first > last:
-            raise InputError(name, f"range {part!r} runs backwards", f"low-high with low <= high, e.g. '1-3'")
+            raise InputError(name, f"range {part!r} runs backwards", "low-high with low <= high, e.g. '1-3'")
         for i in range(first, last + 1):
             if i >= count:
                 raise InputError(name, f"{what} {i} is out of range for {count} {what}s",

@@ -199,7 +199,9 @@ def repair_picture(result: RepairResult, index: int = 0, cmap: str = "magma") ->
     marks = [tuple(c) for c in torch.nonzero(result.mask[index]).tolist()]
     diff = (after - before).abs().mean(0)
     vmax = max(float(diff.max()), 1e-6)
-    tiles = [viz.caption(viz.mark_cells(before, marks, cell=ds) if marks else before, "before"),
+    zoom = max(1, 256 // max(before.shape[-2:]))  # small images stay readable
+    before, after, diff = (t.repeat_interleave(zoom, -2).repeat_interleave(zoom, -1) for t in (before, after, diff))
+    tiles = [viz.caption(viz.mark_cells(before, marks, cell=ds, zoom=zoom) if marks else before, "before"),
              viz.caption(after, "after (cells repaired)"),
              viz.caption(viz.with_colorbar(viz.heatmap(diff, cmap, 0.0, vmax), cmap, 0.0, vmax, "|change|"),
                          "|after - before|")]

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import InputError
 from ..images import load_image, save_png
 from ..posterior import SIZE_POLICIES
 from ..viz import CMAPS
