@@ -15,6 +15,7 @@ from comfy_api.latest import io, ui
 
 from ..vae_fix import influence, viz
 from ..vae_fix.errors import InputError
+from ..vae_fix.report import json_safe
 from . import convert, host, host_decode
 
 MODE_TIP = ("How each cell is changed: 'median' replaces it by the median of its 8 neighbours (removes a spike: "
@@ -121,7 +122,7 @@ class LatentReachMap(io.ComfyNode):
         report = dict(summary, method="first-order change of the far regions' mean colour (RMS, 0..1 image units)",
                       mode=mode, factor=factor if mode == "scale" else None, window=window, blocks=blocks, index=index,
                       backward_passes=fast.passes, latent_size=list(fast.reach.shape), downscale=cell)
-        return io.NodeOutput(picture, over, json.dumps(report, indent=2), format_cells(marks),
+        return io.NodeOutput(picture, over, json.dumps(json_safe(report), indent=2), format_cells(marks),
                              ui=ui.PreviewImage(picture, cls=cls))
 
 
@@ -185,7 +186,7 @@ class LatentCellReach(io.ComfyNode):
                   "latent_size": [h, w], "downscale": cell, "units": "0..1 image units",
                   "cells": [r.to_dict() for r in reach]}
         out = convert.engine_to_image(picture)
-        return io.NodeOutput(out, convert.engine_to_image(difference), json.dumps(report, indent=2),
+        return io.NodeOutput(out, convert.engine_to_image(difference), json.dumps(json_safe(report), indent=2),
                              ui=ui.PreviewImage(out, cls=cls))
 
 

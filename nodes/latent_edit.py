@@ -9,6 +9,7 @@ import torch
 from comfy_api.latest import io
 
 from ..vae_fix import edit
+from ..vae_fix.report import json_safe
 from . import convert
 
 OPERATIONS = {
@@ -84,7 +85,7 @@ class LatentChannelEdit(io.ComfyNode):
         edited = edit.edit_channels(z, op, channels, factor=factor, offset=offset, low=low, high=high, limit=limit,
                                     mean=mean, std=std, target=target, mask=mask, batch=batch)
         info = _info(z, edited, op, channels, target, batch, mask)
-        return io.NodeOutput(convert.with_samples(latent, edited), json.dumps(info, indent=2))
+        return io.NodeOutput(convert.with_samples(latent, edited), json.dumps(json_safe(info), indent=2))
 
 
 def _info(z: torch.Tensor, edited: torch.Tensor, op: str, channels, target, batch, mask) -> dict:

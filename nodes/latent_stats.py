@@ -7,6 +7,7 @@ import json
 from comfy_api.latest import io, ui
 
 from ..vae_fix import stats
+from ..vae_fix.report import json_safe
 from . import convert
 
 
@@ -65,7 +66,7 @@ class LatentStatistics(io.ComfyNode):
         z = convert.latent_samples(latent)
         numbers = stats.latent_stats(z)
         picture = convert.engine_to_image(stats.histogram_image(z, bins, clip_percentile, columns))
-        return io.NodeOutput(json.dumps(numbers, indent=2), summary_text(numbers), picture,
+        return io.NodeOutput(json.dumps(json_safe(numbers), indent=2), summary_text(numbers), picture,
                              ui=ui.PreviewImage(picture, cls=cls))
 
 
