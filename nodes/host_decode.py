@@ -77,14 +77,3 @@ def decode_fn(vae, differentiable: bool = False) -> DecodeFn:
 
     return decode
 
-
-def encode_fn(vae) -> Callable[[torch.Tensor], torch.Tensor]:
-    """`x [B, 3, H, W]` in -1..1 → the posterior mean `[B, C, h, w]` float32 (what core's VAE Encode
-    returns), through the host's own encoder; refuses VAEs without a posterior like `host.moments_fn`."""
-    moments = host.moments_fn(vae)
-    channels = int(vae.latent_channels)
-
-    def encode(x: torch.Tensor) -> torch.Tensor:
-        return moments(x)[:, :channels]
-
-    return encode
