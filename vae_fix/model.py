@@ -56,8 +56,12 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else None
 
     def forward(self, x):
-        h = self.conv1(_silu(self.norm1(x)))
-        h = self.conv2(_silu(self.norm2(h)))
+        # One step per line: rebinding `h` frees each intermediate before the next conv allocates
+        # (nested calls would keep conv1's output alive through conv2: one more activation at peak).
+        h = _silu(self.norm1(x))
+        h = self.conv1(h)
+        h = _silu(self.norm2(h))
+        h = self.conv2(h)
         return _add(h, self.nin_shortcut(x) if self.nin_shortcut is not None else x)
 
 
@@ -110,12 +114,20 @@ class Level(nn.Module):
             setattr(self, resample_name, resample)
         self._resample = resample_name
 
-    def forward(self, x):
+    def layers(self):
+        """The modules in call order. Encoder/Decoder loop over these rather than call the level, so no
+        frame keeps the level's input alive after its first block (one activation less at peak)."""
         for i, blk in enumerate(self.block):
-            x = blk(x)
+            yield blk
             if len(self.attn):
-                x = self.attn[i](x)
-        return getattr(self, self._resample)(x) if self._resample else x
+                yield self.attn[i]
+        if self._resample:
+            yield getattr(self, self._resample)
+
+    def forward(self, x):
+        for layer in self.layers():
+            x = layer(x)
+        return x
 
 
 class Mid(nn.Module):
@@ -125,11 +137,16 @@ class Mid(nn.Module):
         self.attn_1 = AttnBlock(c, groups) if attention else None
         self.block_2 = ResnetBlock(c, c, groups)
 
-    def forward(self, x):
-        x = self.block_1(x)
+    def layers(self):
+        yield self.block_1
         if self.attn_1 is not None:
-            x = self.attn_1(x)
-        return self.block_2(x)
+            yield self.attn_1
+        yield self.block_2
+
+    def forward(self, x):
+        for layer in self.layers():
+            x = layer(x)
+        return x
 
 
 class Encoder(nn.Module):
@@ -152,9 +169,10 @@ class Encoder(nn.Module):
 
     def forward(self, x):
         x = self.conv_in(x)
-        for level in self.down:
-            x = level(x)
-        return self.conv_out(_silu(self.norm_out(self.mid(x))))
+        for layer in [m for level in self.down for m in level.layers()] + list(self.mid.layers()):
+            x = layer(x)
+        x = _silu(self.norm_out(x))
+        return self.conv_out(x)
 
 
 class Decoder(nn.Module):
@@ -176,10 +194,11 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(c, cfg.out_channels, 3, padding=1)
 
     def forward(self, z):
-        x = self.mid(self.conv_in(z))
-        for level in reversed(self.up):
-            x = level(x)
-        return self.conv_out(_silu(self.norm_out(x)))
+        x = self.conv_in(z)
+        for layer in list(self.mid.layers()) + [m for level in reversed(self.up) for m in level.layers()]:
+            x = layer(x)
+        x = _silu(self.norm_out(x))
+        return self.conv_out(x)
 
 
 class AutoencoderKL(nn.Module):
