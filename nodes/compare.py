@@ -6,12 +6,12 @@ import json
 from comfy_api.latest import io, ui
 
 from ..vae_fix import compare, posterior, viz
-from . import convert, host, host_decode
+from . import convert, host
 
 
 def side(vae, name: str) -> compare.VAESide:
     """The host VAE as the engine's callables; refuses VAEs without a posterior or an image decoder."""
-    return compare.VAESide(name, host.moments_fn(vae), host_decode.decode_fn(vae, differentiable=True),
+    return compare.VAESide(name, host.moments_fn(vae), host.decode_fn(vae, differentiable=True),
                            host.downscale(vae))
 
 

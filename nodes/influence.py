@@ -16,7 +16,7 @@ from comfy_api.latest import io, ui
 from ..vae_fix import influence, viz
 from ..vae_fix.errors import InputError
 from ..vae_fix.report import json_safe
-from . import convert, host, host_decode
+from . import convert, host
 
 MODE_TIP = ("How each cell is changed: 'median' replaces it by the median of its 8 neighbours (removes a spike: "
             "the question 'what does this cell carry that its neighbours do not'), 'zero' sets it to 0, "
@@ -109,7 +109,7 @@ class LatentReachMap(io.ComfyNode):
     @classmethod
     def execute(cls, vae, latent, mode, factor, window, index, blocks, top, colormap) -> io.NodeOutput:
         z = convert.latent_samples(latent)
-        decode = host_decode.decode_fn(vae, differentiable=True)
+        decode = host.decode_fn(vae, differentiable=True)
         fast = influence.fast_reach_map(decode, z, mode=mode, factor=factor, window=window, blocks=blocks,
                                         index=index, progress=host.progress_fn())
         summary = influence.summarize_map(fast.reach, top)
@@ -170,7 +170,7 @@ class LatentCellReach(io.ComfyNode):
                 top_cells=None) -> io.NodeOutput:
         z = convert.latent_samples(latent)
         chosen = parse_cells(cells) if top_cells is None else parse_cells(top_cells, "top_cells")
-        decode = host_decode.decode_fn(vae)
+        decode = host.decode_fn(vae)
         reach = influence.exact_reach(decode, z, chosen, mode=mode, factor=factor, window=window, index=index,
                                       batch_size=batch_size, progress=host.progress_fn())
         reach.sort(key=lambda r: r.mean_far, reverse=True)

@@ -7,7 +7,7 @@ from comfy_api.latest import io, ui
 
 from ..vae_fix import anomaly, repair
 from ..vae_fix.errors import InputError
-from . import convert, host, host_decode
+from . import convert, host
 from .inspect import read_posterior
 
 SOURCES = {
@@ -84,7 +84,7 @@ class RepairLatent(io.ComfyNode):
     def execute(cls, vae, latent, source, posterior_threshold, latent_threshold, window, measure_cells, fast_map,
                 image=None) -> io.NodeOutput:
         z = convert.latent_samples(latent)
-        decode = host_decode.decode_fn(vae, differentiable=fast_map)  # refuses what cannot decode images
+        decode = host.decode_fn(vae, differentiable=fast_map)  # refuses what cannot decode images
         mask, scores, used = flagged_cells(vae, z, image, SOURCES.get(source, source), posterior_threshold,
                                            latent_threshold)
         result = repair.repair_latent(decode, z, mask, scores=scores, window=window, measure_cells=measure_cells,
