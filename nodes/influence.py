@@ -8,13 +8,11 @@ decode per cell. Units: change in 0..1 image units; near field = `window` cells 
 from __future__ import annotations
 
 import json
-import re
 
 import torch
 from comfy_api.latest import io, ui
 
 from ..vae_fix import influence, viz
-from ..vae_fix.errors import InputError
 from ..vae_fix.report import json_safe
 from . import convert, host
 
@@ -27,23 +25,6 @@ WINDOW_TIP = ("Near field, in latent cells around the cell (3: a 7x7-cell box, 5
 INDEX_TIP = "Which latent of the batch to measure (0-based)."
 MIN_PICTURE = 256  # px: smaller maps are enlarged (nearest) to about this
 CELLS_EXAMPLE = "'9,21' or '9,21; 3,4' (y,x latent cells, 0-based), empty for every cell"
-
-
-def parse_cells(text: str, name: str = "cells") -> list[tuple[int, int]] | None:
-    """'9,21; 3,4' (also '(9, 21) (3, 4)' or one pair per line) → [(9, 21), (3, 4)]; empty → None (all)."""
-    text = (text or "").strip()
-    if not text:
-        return None
-    numbers = re.findall(r"-?\d+", text)
-    leftover = re.sub(r"[-\d\s,;()\[\]]", "", text)
-    if leftover or len(numbers) % 2:
-        raise InputError(name, f"cannot read {text!r} as y,x pairs", CELLS_EXAMPLE)
-    values = [int(n) for n in numbers]
-    return list(zip(values[0::2], values[1::2]))
-
-
-def format_cells(cells) -> str:
-    return "; ".join(f"{y},{x}" for y, x in cells)
 
 
 def _pixels(image: torch.Tensor) -> torch.Tensor:
@@ -122,7 +103,7 @@ class LatentReachMap(io.ComfyNode):
         report = dict(summary, method="first-order change of the far regions' mean colour (RMS, 0..1 image units)",
                       mode=mode, factor=factor if mode == "scale" else None, window=window, blocks=blocks, index=index,
                       backward_passes=fast.passes, latent_size=list(fast.reach.shape), downscale=cell)
-        return io.NodeOutput(picture, over, json.dumps(json_safe(report), indent=2), format_cells(marks),
+        return io.NodeOutput(picture, over, json.dumps(json_safe(report), indent=2), influence.format_cells(marks),
                              ui=ui.PreviewImage(picture, cls=cls))
 
 
@@ -169,7 +150,7 @@ class LatentCellReach(io.ComfyNode):
     def execute(cls, vae, latent, cells, mode, factor, window, index, batch_size, colormap,
                 top_cells=None) -> io.NodeOutput:
         z = convert.latent_samples(latent)
-        chosen = parse_cells(cells) if top_cells is None else parse_cells(top_cells, "top_cells")
+        chosen = (influence.parse_cells(cells) if top_cells is None else influence.parse_cells(top_cells, "top_cells")) or None
         decode = host.decode_fn(vae)
         reach = influence.exact_reach(decode, z, chosen, mode=mode, factor=factor, window=window, index=index,
                                       batch_size=batch_size, progress=host.progress_fn())

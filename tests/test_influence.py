@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from vae_fix.cli import main
-from vae_fix.commands.stats import write_latent
+from vae_fix.latent_io import write_latent
 from vae_fix.loader import save_vae
 
 from vae_fix.errors import InputError
@@ -204,7 +204,7 @@ def test_cli_influence_exact_cells_only(cli_files, tmp_path):
 
 @pytest.mark.parametrize("extra,needle", [
     (["--cells", "99,0"], "Invalid --cells: cell 99,0 is outside the 16x16 latent"),
-    (["--cells", "1;2"], "Invalid --cells: cannot read '1'"),
+    (["--cells", "1;2"], "Invalid --cells: cannot read '1;2' as y,x pairs"),
     (["--no-fast"], "Invalid --no-fast"), (["--window", "9"], "Invalid window"),
     (["--index", "3"], "Invalid --index"),
 ])

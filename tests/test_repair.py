@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from vae_fix.cli import main
-from vae_fix.commands.stats import read_latent, write_latent
+from vae_fix.latent_io import read_latent, write_latent
 from vae_fix.images import save_png
 from vae_fix.loader import save_vae
 

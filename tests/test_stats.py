@@ -10,7 +10,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from vae_fix.cli import main
-from vae_fix.commands.stats import read_latent, write_latent
+from vae_fix.latent_io import read_latent, write_latent
 
 from vae_fix.errors import InputError
 from vae_fix.families import FAMILIES, families_with_channels, get_family

@@ -18,7 +18,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _command_modules():
-    found = {m.name for m in pkgutil.iter_modules(commands.__path__)}
+    found = {m.name for m in pkgutil.iter_modules(commands.__path__) if not m.name.startswith("_")}
     names = [n for n in ORDER if n in found] + sorted(found - set(ORDER))
     return [importlib.import_module(f"{commands.__name__}.{n}") for n in names]
 

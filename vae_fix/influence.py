@@ -26,6 +26,8 @@ exact measure is the reference and ranks cells the same way on the project's tes
 """
 from __future__ import annotations
 
+import re
+
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
@@ -304,3 +306,20 @@ def summarize_map(reach_map: torch.Tensor, n: int = 5) -> dict:
         "max_over_median": worst / median if median > 0 else None,
         "top_cells": [{"y": y, "x": x, "value": float(reach_map[y, x])} for y, x in top],
     }
+
+
+_CELL_PAIR = re.compile(r"\(?\s*(-?\d+)\s*,\s*(-?\d+)\s*\)?")
+CELLS_EXAMPLE = "'9,21' or '9,21; 3,4' (y,x latent cells, 0-based)"
+
+
+def parse_cells(text: str | None, name: str = "cells") -> list[tuple[int, int]]:
+    """'9,21; 3,4' (also '(9, 21) (3, 4)' or one pair per line) → [(9, 21), (3, 4)]; empty → []."""
+    text = (text or "").strip()
+    pairs = _CELL_PAIR.findall(text)
+    if _CELL_PAIR.sub("", text).strip(" \t\r\n;,"):
+        raise InputError(name, f"cannot read {text!r} as y,x pairs", CELLS_EXAMPLE)
+    return [(int(y), int(x)) for y, x in pairs]
+
+
+def format_cells(cells) -> str:
+    return "; ".join(f"{y},{x}" for y, x in cells)

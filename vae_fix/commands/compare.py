@@ -6,7 +6,7 @@ from pathlib import Path
 from ..images import load_image, save_png
 from ..posterior import SIZE_POLICIES
 from ..viz import CMAPS
-from .stats import DTYPES, out_dir, write_json
+from ._common import DTYPES, out_dir, write_json
 
 NAME = "compare"
 HELP = ("Compare two VAEs on the same images: anomalies, KL, worst reach of a latent cell, "

@@ -7,9 +7,9 @@ import torch
 
 from ..errors import InputError
 from ..images import save_png
-from ..influence import MODES, exact_reach, fast_reach_map, reach_to_map, summarize_map, top_cells
+from ..influence import MODES, exact_reach, fast_reach_map, parse_cells, reach_to_map, summarize_map, top_cells
 from ..viz import CMAPS
-from .stats import add_source_arguments, decoder_fn, latent_from_args, load_model, out_dir, write_json
+from ._common import add_source_arguments, decoder_fn, latent_from_args, load_model, out_dir, write_json
 
 NAME = "influence"
 HELP = ("Reach of latent cells: how much of the decoded image outside a cell's neighbourhood changes "
@@ -33,21 +33,6 @@ def add_arguments(p) -> None:
     p.add_argument("--cmap", choices=CMAPS, default="magma", help="colormap (default magma)")
 
 
-def parse_cells(text: str | None) -> list[tuple[int, int]]:
-    if not text:
-        return []
-    cells = []
-    for part in text.replace(" ", "").split(";"):
-        if not part:
-            continue
-        try:
-            y, x = (int(v) for v in part.split(","))
-        except ValueError:
-            raise InputError("--cells", f"cannot read {part!r}", "y,x pairs separated by ';', e.g. '9,21;0,0'") from None
-        cells.append((y, x))
-    return cells
-
-
 def _check(args) -> None:
     if args.exact < 0:
         raise InputError("--exact", f"{args.exact}", "a number of cells >= 0")
@@ -57,7 +42,7 @@ def _check(args) -> None:
 
 def run(args) -> int:
     _check(args)
-    cells = parse_cells(args.cells)
+    cells = parse_cells(args.cells, "--cells")
     out = out_dir(args.out)
     vae = load_model(args, need_decoder=True)
     z, _, _ = latent_from_args(args, vae)

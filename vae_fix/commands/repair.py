@@ -4,7 +4,8 @@ from __future__ import annotations
 from ..anomaly import DEFAULT_MEAN_THRESHOLD, DEFAULT_THRESHOLD, find_anomalies
 from ..errors import InputError
 from ..images import save_png
-from .stats import add_source_arguments, decoder_fn, latent_from_args, load_model, out_dir, write_json, write_latent
+from ..latent_io import write_latent
+from ._common import add_source_arguments, decoder_fn, latent_from_args, load_model, out_dir, write_json
 
 NAME = "repair"
 HELP = ("Replace anomalous latent cells by the median of their neighbours before decoding and report "
