@@ -309,6 +309,50 @@ save_file(sd, out)
 '''
 
 
+
+# ---------------------------------------------------------------- helpers the host tests share
+
+WORKFLOWS = REPO / "workflows"
+
+
+def api_workflow(name: str) -> dict:
+    return json.loads((WORKFLOWS / f"{name}.api.json").read_text())
+
+
+def node_of(prompt: dict, class_type: str) -> dict:
+    """The one node of a class (asserted unique)."""
+    found = [n for n in prompt.values() if n["class_type"] == class_type]
+    assert len(found) == 1, f"expected one {class_type} in the workflow"
+    return found[0]
+
+
+def id_of(prompt: dict, class_type: str) -> str:
+    """The id of the first node of a class."""
+    found = [k for k, n in prompt.items() if n["class_type"] == class_type]
+    assert found, f"expected a {class_type} in the workflow"
+    return found[0]
+
+
+def succeeded(entry: dict) -> dict:
+    messages = status_messages(entry)
+    assert entry["status"]["status_str"] == "success", json.dumps(messages.get("execution_error", messages), indent=1)[:3000]
+    return entry["outputs"]
+
+
+def failed(entry: dict) -> dict:
+    assert entry["status"]["status_str"] == "error", "the prompt was expected to fail"
+    return status_messages(entry)["execution_error"]
+
+
+def images_of(server: "HostServer", outputs: dict, node_id: str) -> list:
+    """The images a node wrote (SaveImage/PreviewImage or a node's own preview), as uint8 arrays."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    return [np.asarray(Image.open(io.BytesIO(server.view(item))).convert("RGB")) for item in outputs[node_id]["images"]]
+
 def build_tiny_sd15(server: HostServer, name: str = "tiny_sd15.safetensors") -> str:
     """Write the tiny SD1.5-layout checkpoint into models/checkpoints (built by the host's Python)."""
     path = server.base / "models" / "checkpoints" / name

@@ -7,11 +7,9 @@ models/vae; it is stopped at the end. The example workflows' API twins are what 
 """
 from __future__ import annotations
 
-import copy
 import io
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -20,7 +18,8 @@ import pytest
 import torch
 from PIL import Image
 
-from host_server import PACK_FOLDER, HostServer, build_tiny_sd15, status_messages, taesd_state_dicts
+from host_server import (PACK_FOLDER, WORKFLOWS, HostServer, api_workflow, build_tiny_sd15, failed, id_of,
+                         images_of, node_of, status_messages, succeeded, taesd_state_dicts)
 from vae_files import reference_model, write_state_dict, write_vae
 
 from vae_fix.images import load_image, save_png
@@ -30,7 +29,6 @@ from vae_fix.planted import planted_vae, smooth_vae
 
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
 REPO = Path(__file__).resolve().parents[1]
-WORKFLOWS = REPO / "workflows"
 NODE_IDS = ("VAEFixLoadVAE", "VAEFixInspectVAE", "VAEFixLogVarianceMap")
 PLANTED_CELL = (9, 21)     # 32x32 latent grid: 128 px images for the small layouts (4x), 256 px for full SD (8x)
 PLANTED16_CELL = (20, 6)   # 16-channel (SD3/Flux layout), same grid
@@ -97,34 +95,16 @@ def host(request) -> HostServer:
 
 # ---------------------------------------------------------------- helpers
 
-def api_workflow(name: str) -> dict:
-    return json.loads((WORKFLOWS / f"{name}.api.json").read_text())
 
 
-def node_of(prompt: dict, class_type: str) -> dict:
-    found = [n for n in prompt.values() if n["class_type"] == class_type]
-    assert len(found) == 1, f"expected one {class_type} in the workflow"
-    return found[0]
 
 
-def id_of(prompt: dict, class_type: str) -> str:
-    return next(k for k, n in prompt.items() if n["class_type"] == class_type)
 
 
-def succeeded(entry: dict) -> dict:
-    messages = status_messages(entry)
-    assert entry["status"]["status_str"] == "success", json.dumps(messages.get("execution_error", messages), indent=1)[:3000]
-    return entry["outputs"]
 
 
-def failed(entry: dict) -> dict:
-    assert entry["status"]["status_str"] == "error", "the prompt was expected to fail"
-    return status_messages(entry)["execution_error"]
 
 
-def images_of(server: HostServer, outputs: dict, node_id: str) -> list[np.ndarray]:
-    """The images a node wrote (SaveImage/PreviewImage or a node's own preview), as uint8 arrays."""
-    return [np.asarray(Image.open(io.BytesIO(server.view(item))).convert("RGB")) for item in outputs[node_id]["images"]]
 
 
 TILES = {"tile_size": 64, "overlap": 16, "temporal_size": 64, "temporal_overlap": 8}  # 8-cell tiles, 3 passes

@@ -7,8 +7,6 @@ module in its own base directory, with VAEs and a tiny SD1.5-layout checkpoint b
 """
 from __future__ import annotations
 
-import copy
-import io
 import json
 import os
 import sys
@@ -20,7 +18,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from host_server import PACK_FOLDER, HostServer, build_tiny_sd15, status_messages, taesd_state_dicts
+from host_server import (PACK_FOLDER, WORKFLOWS, HostServer, api_workflow, build_tiny_sd15, failed, id_of,
+                         images_of, status_messages, succeeded, taesd_state_dicts)
 from vae_files import write_state_dict, write_vae
 
 from vae_fix.images import save_png
@@ -31,7 +30,6 @@ from vae_fix.planted import planted_vae
 
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
 REPO = Path(__file__).resolve().parents[1]
-WORKFLOWS = REPO / "workflows"
 NODE_IDS = ("VAEFixLatentChannelEdit", "VAEFixLatentStatistics", "VAEFixLatentReachMap", "VAEFixLatentCellReach",
             "VAEFixLatentPreviewRGB", "VAEFixRepairLatent", "VAEFixCompareVAEs")
 SMUGGLER_CELL = (9, 21)  # 32x32 latent grid of a 128 px image (small SD layout: 4x)
@@ -97,30 +95,14 @@ def host(request) -> HostServer:
 
 # ---------------------------------------------------------------- helpers
 
-def api_workflow(name: str) -> dict:
-    return json.loads((WORKFLOWS / f"{name}.api.json").read_text())
 
 
-def id_of(prompt: dict, class_type: str) -> str:
-    found = [k for k, n in prompt.items() if n["class_type"] == class_type]
-    assert len(found) == 1, f"expected one {class_type} in the workflow"
-    return found[0]
 
 
-def succeeded(entry: dict) -> dict:
-    messages = status_messages(entry)
-    assert entry["status"]["status_str"] == "success", json.dumps(messages.get("execution_error", messages), indent=1)[:3000]
-    return entry["outputs"]
 
 
-def failed(entry: dict) -> dict:
-    assert entry["status"]["status_str"] == "error", "the prompt was expected to fail"
-    return status_messages(entry)["execution_error"]
 
 
-def images_of(server: HostServer, outputs: dict, node_id: str) -> list[np.ndarray]:
-    """The images a node wrote (SaveImage/PreviewImage or a node's own preview), as uint8 arrays."""
-    return [np.asarray(Image.open(io.BytesIO(server.view(item))).convert("RGB")) for item in outputs[node_id]["images"]]
 
 
 def text_of(outputs: dict, node_id: str) -> str:
