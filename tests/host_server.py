@@ -344,6 +344,22 @@ def failed(entry: dict) -> dict:
     return status_messages(entry)["execution_error"]
 
 
+def interrupt_after_progress(server: "HostServer", prompt: dict, node_id: str, steps: int = 2) -> tuple[dict, list]:
+    """Queue `prompt`, wait until `node_id` reported `steps` progress steps, POST /interrupt and wait.
+
+    Returns the history entry and every progress event the node sent (watched on the websocket)."""
+    events = server.events()
+    try:
+        prompt_id = server.queue(prompt)
+        progress = lambda: [p for p in events.of("progress", prompt_id) if p["node"] == node_id]
+        events.wait_for(lambda: any(p["value"] >= steps for p in progress()), timeout=300)
+        server.interrupt()
+        entry = server.wait(prompt_id)
+        return entry, progress()
+    finally:
+        events.close()
+
+
 def images_of(server: "HostServer", outputs: dict, node_id: str) -> list:
     """The images a node wrote (SaveImage/PreviewImage or a node's own preview), as uint8 arrays."""
     import io

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from host_server import (PACK_FOLDER, WORKFLOWS, HostServer, api_workflow, build_tiny_sd15, failed, id_of,
-                         images_of, node_of, status_messages, succeeded, taesd_state_dicts)
+                         images_of, interrupt_after_progress, node_of, status_messages, succeeded, taesd_state_dicts)
 from vae_files import reference_model, write_state_dict, write_vae
 
 from vae_fix.images import load_image, save_png
@@ -334,19 +334,10 @@ def test_long_inspect_shows_progress_and_stops_on_interrupt(host):
               "5": {"class_type": "RepeatImageBatch", "inputs": {"image": ["2", 0], "amount": 400}},
               "3": {"class_type": "VAEFixInspectVAE", "inputs": {"vae": ["1", 0], "image": ["5", 0], "threshold": 5.0,
                                                                  "min_drop": 3.0, "colormap": "magma", "size_policy": "crop"}}}
-    events = host.events()
-    try:
-        prompt_id = host.queue(prompt)
-        progress = lambda: [p for p in events.of("progress", prompt_id) if p["node"] == "3"]
-        events.wait_for(lambda: any(p["value"] >= 2 for p in progress()), timeout=300)
-        host.interrupt()
-        entry = host.wait(prompt_id)
-    finally:
-        events.close()
+    entry, seen = interrupt_after_progress(host, prompt, "3")
     messages = status_messages(entry)
     assert entry["status"]["status_str"] == "error" and "execution_interrupted" in messages
     assert messages["execution_interrupted"]["node_id"] == "3"
-    seen = progress()
     assert all(p["max"] == 400 for p in seen)  # one step per image
     assert max(p["value"] for p in seen) < 100, "the run went on long after the interrupt"
     server_still_serves(host)

@@ -19,7 +19,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from host_server import (PACK_FOLDER, WORKFLOWS, HostServer, api_workflow, build_tiny_sd15, failed, id_of,
-                         images_of, status_messages, succeeded, taesd_state_dicts)
+                         images_of, interrupt_after_progress, status_messages, succeeded, taesd_state_dicts)
 from vae_files import write_state_dict, write_vae
 
 from vae_fix.images import save_png
@@ -540,19 +540,10 @@ def test_reach_map_runs_with_taesd(host):
 
 def test_exact_reach_of_every_cell_shows_progress_and_stops_on_interrupt(host):
     prompt = encoded(SMUGGLER, IMAGE, ("4", cell_reach(["1", 0], ["3", 0], batch_size=1)), ("5", preview_text(["4", 2])))
-    events = host.events()
-    try:
-        prompt_id = host.queue(prompt)
-        progress = lambda: [p for p in events.of("progress", prompt_id) if p["node"] == "4"]
-        events.wait_for(lambda: any(p["value"] >= 2 for p in progress()), timeout=300)
-        host.interrupt()
-        entry = host.wait(prompt_id)
-    finally:
-        events.close()
+    entry, seen = interrupt_after_progress(host, prompt, "4")
     messages = status_messages(entry)
     assert entry["status"]["status_str"] == "error" and "execution_interrupted" in messages
     assert messages["execution_interrupted"]["node_id"] == "4"
-    seen = progress()
     assert all(p["max"] == 32 * 32 for p in seen)  # one step per cell
     assert max(p["value"] for p in seen) < 300, "the run went on long after the interrupt"
     server_still_serves(host)
