@@ -312,11 +312,12 @@ save_file(sd, out)
 
 # ---------------------------------------------------------------- helpers the host tests share
 
-WORKFLOWS = REPO / "workflows"
+WORKFLOWS = REPO / "workflows"          # UI format: what users drag in, served as templates
+API_WORKFLOWS = WORKFLOWS / "api"       # API-format twins (a subfolder: the template glob skips it)
 
 
 def api_workflow(name: str) -> dict:
-    return json.loads((WORKFLOWS / f"{name}.api.json").read_text())
+    return json.loads((API_WORKFLOWS / f"{name}.json").read_text())
 
 
 def node_of(prompt: dict, class_type: str) -> dict:

@@ -114,3 +114,16 @@ def test_cli_compare_bad_input(tmp_path, capsys):
     r = subprocess.run([sys.executable, "-m", "vae_fix", "compare", "--help"], cwd=ROOT, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0 and "--vae-b" in r.stdout
+
+
+def test_a_negative_window_is_refused_not_skipped(tmp_path):
+    from vae_fix.model import random_vae
+
+    vae_a, vae_b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    save_vae(random_vae(preset_config("sd", small=True), seed=0), vae_a)
+    save_vae(random_vae(preset_config("sd", small=True), seed=1), vae_b)
+    image = tmp_path / "img.png"
+    save_png(torch.rand(3, 32, 32), image)
+    code = main(["compare", "--vae-a", str(vae_a), "--vae-b", str(vae_b), "--image", str(image),
+                 "--out", str(tmp_path / "out"), "--window", "-2"])
+    assert code == 2

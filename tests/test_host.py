@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from host_server import (PACK_FOLDER, WORKFLOWS, HostServer, api_workflow, build_tiny_sd15, failed, id_of,
+from host_server import (API_WORKFLOWS, PACK_FOLDER, WORKFLOWS, HostServer, api_workflow, build_tiny_sd15, failed, id_of,
                          images_of, interrupt_after_progress, node_of, status_messages, succeeded, taesd_state_dicts)
 from vae_files import reference_model, write_state_dict, write_vae
 
@@ -160,8 +160,8 @@ def test_help_pages_are_served_where_the_frontend_looks(host):
 
 def test_example_workflows_are_templates(host):
     listed = host.get_json("/api/workflow_templates")
-    names = sorted(p.stem for p in WORKFLOWS.glob("*.json") if not p.name.endswith(".api.json"))
-    assert set(names) <= set(listed.get(PACK_FOLDER, [])), listed
+    names = sorted(p.stem for p in WORKFLOWS.glob("*.json"))
+    assert sorted(listed.get(PACK_FOLDER, [])) == names, listed  # the UI workflows, and nothing else
     for name in names:
         ui = json.loads(host.get(f"/api/workflow_templates/{PACK_FOLDER}/{name}.json"))
         assert ui["nodes"] and ui["links"]
@@ -196,9 +196,9 @@ def ui_to_api(ui: dict, object_info: dict) -> dict:
 
 def test_ui_workflows_match_their_api_twins(host):
     info = host.get_json("/object_info")
-    for ui_path in sorted(p for p in WORKFLOWS.glob("*.json") if not p.name.endswith(".api.json")):
+    for ui_path in sorted(WORKFLOWS.glob("*.json")):
         ui = json.loads(ui_path.read_text())
-        twin = json.loads(ui_path.with_name(ui_path.stem + ".api.json").read_text())
+        twin = json.loads((API_WORKFLOWS / ui_path.name).read_text())
         assert ui_to_api(ui, info) == twin, f"{ui_path.name} and its API twin differ"
 
 

@@ -142,14 +142,17 @@ def test_latent_helpers_keep_other_keys(convert, InputError):
 
 # ---------------------------------------------------------------- workflows
 
-WORKFLOWS = sorted(p for p in (REPO / "workflows").glob("*.json") if not p.name.endswith(".api.json"))
+WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))  # UI format, served as templates
+API_WORKFLOWS = REPO / "workflows" / "api"                # their API-format twins
 
 
 def test_every_workflow_has_a_thumbnail_and_an_api_twin():
     assert WORKFLOWS, "no example workflows"
     for ui in WORKFLOWS:
+        assert "nodes" in json.loads(ui.read_text()), f"{ui.name} is not a UI-format workflow"
         assert ui.with_suffix(".jpg").is_file(), f"{ui.name} has no thumbnail"
-        assert ui.with_name(ui.stem + ".api.json").is_file(), f"{ui.name} has no API-format twin"
+        assert (API_WORKFLOWS / ui.name).is_file(), f"{ui.name} has no API-format twin"
+    assert sorted(p.name for p in API_WORKFLOWS.glob("*.json")) == [p.name for p in WORKFLOWS], "API twin without a UI workflow"
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
@@ -163,6 +166,6 @@ def test_ui_workflow_is_consistent(path):
         assert nodes[dst]["inputs"][dst_slot]["link"] == link_id
         assert kind == nodes[src]["outputs"][src_slot]["type"]
         assert nodes[dst]["inputs"][dst_slot]["type"] in (kind, "*")  # "*": an input that takes any type
-    api = json.loads(path.with_name(path.stem + ".api.json").read_text())
+    api = json.loads((API_WORKFLOWS / path.name).read_text())
     ours = {n["type"] for n in wf["nodes"] if n["type"].startswith("VAEFix")}
     assert ours <= {n["class_type"] for n in api.values()}

@@ -144,3 +144,14 @@ def test_cli_stats_help():
     r = subprocess.run([sys.executable, "-m", "vae_fix", "stats", "--help"], cwd=ROOT, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0 and "--family" in r.stdout
+
+
+def test_latent_files_with_nan_are_refused_by_name_except_by_stats(tmp_path):
+    z = torch.randn(1, 4, 8, 8)
+    z[0, 2, 3, 3] = float("nan")
+    path = write_latent(z, tmp_path / "nan.latent")
+    with pytest.raises(InputError, match="1 non-finite values"):
+        read_latent(path)
+    assert torch.isnan(read_latent(path, allow_nonfinite=True)).sum() == 1
+    with pytest.raises(InputError, match="non-finite"):
+        read_latent(write_latent(torch.full((1, 4, 8, 8), float("nan")), tmp_path / "all_nan.latent"), allow_nonfinite=True)

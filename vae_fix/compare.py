@@ -39,7 +39,7 @@ class CompareResult:
 
 
 def _reach(side: VAESide, mean: torch.Tensor, index: int, window: int) -> dict:
-    try:
+    try:  # a latent too small to have a far field at this window is reported, not fatal
         fast = fast_reach_map(side.decode_fn, mean, window=window, index=index)
     except InputError as e:
         return {"skipped": str(e)}
@@ -86,6 +86,8 @@ def compare_vaes(a: VAESide, b: VAESide, images: torch.Tensor, *, window: int = 
     """Run both VAEs on `images [B, 3, H, W]` (0..1) and put the results side by side."""
     if a.name == b.name:
         raise InputError("names", f"both VAEs are called {a.name!r}", "two different names")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+        raise InputError("window", f"{window!r}", "a whole number of cells >= 0")
     batch = images.shape[0] if isinstance(images, torch.Tensor) and images.dim() == 4 else 1
     total, done = 2 * (2 + batch), [0]
 

@@ -11,7 +11,7 @@ LATENT_KEYS = ("latent_tensor", "samples", "mean", "latent")
 SD1_SCALE = 0.18215  # ComfyUI's LoadLatent: files without a version key hold SD1 model-space latents
 
 
-def read_latent(path) -> torch.Tensor:
+def read_latent(path, allow_nonfinite: bool = False) -> torch.Tensor:
     """A latent file → raw latent `[B, C, h, w]` float32.
 
     Reads safetensors files: ComfyUI `.latent` (`latent_tensor`; files without
@@ -41,8 +41,12 @@ def read_latent(path) -> torch.Tensor:
         z = z / SD1_SCALE
     if z.dim() == 3:
         z = z[None]
-    if z.dim() != 4 or not torch.isfinite(z).any():
+    if z.dim() != 4:
         raise InputError(f"latent '{path}'", f"tensor '{key}' has shape {list(z.shape)}", expected)
+    bad = int((~torch.isfinite(z)).sum())
+    if bad and not (allow_nonfinite and bad < z.numel()):
+        raise InputError(f"latent '{path}'", f"tensor '{key}' holds {bad} non-finite values (NaN/Inf) of {z.numel()}",
+                         "finite numbers")
     return z
 
 

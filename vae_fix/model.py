@@ -10,7 +10,7 @@ latents `[B, C, h, w]` in raw VAE space (no family scale or shift).
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Mapping
 
 import torch

@@ -54,12 +54,12 @@ def load_model(args, need_decoder: bool):
     return vae
 
 
-def latent_from_args(args, vae):
+def latent_from_args(args, vae, allow_nonfinite: bool = False):
     """(latent `[B, C, h, w]` float32 on CPU, posterior or None, encoded image or None)."""
     from ..posterior import prepare_images, read_posterior
 
     if args.latent:
-        z = read_latent(args.latent)
+        z = read_latent(args.latent, allow_nonfinite)
         if vae is not None and z.shape[1] != vae.config.latent_channels:
             raise InputError("--latent", f"{z.shape[1]} channels, but the VAE's latents have "
                              f"{vae.config.latent_channels}", "a latent made by this VAE")

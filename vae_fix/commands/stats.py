@@ -29,7 +29,7 @@ def run(args) -> int:
         raise InputError("--bins", f"{args.bins}", "at least 2")
     out = out_dir(args.out)
     vae = load_model(args, need_decoder=False)
-    z, _, _ = latent_from_args(args, vae)
+    z, _, _ = latent_from_args(args, vae, allow_nonfinite=True)  # counted, not refused
     stats = latent_stats(z)
     files = {"histogram": str(save_png(histogram_image(z, bins=args.bins), out / "histogram.png"))}
     decode = decoder_fn(vae) if vae is not None and vae.model.has_decoder else None
