@@ -361,6 +361,19 @@ def interrupt_after_progress(server: "HostServer", prompt: dict, node_id: str, s
         events.close()
 
 
+def assert_registered_with_tooltips(object_info: dict, node_ids, pack_folder: str) -> None:
+    """Every node is in /object_info, from this pack, under VAE Fix/, with a tooltip on every input and output."""
+    for node_id in node_ids:
+        assert node_id in object_info, f"{node_id} is not registered"
+        node = object_info[node_id]
+        assert node["python_module"] == f"custom_nodes.{pack_folder}"
+        assert node["category"].startswith("VAE Fix/") and node["display_name"] and node["description"]
+        for section in ("required", "optional"):
+            for name, (_, options) in node["input"].get(section, {}).items():
+                assert options.get("tooltip"), f"{node_id} input {name} has no tooltip"
+        assert node["output_tooltips"] and all(node["output_tooltips"]), f"{node_id} has an output without tooltip"
+
+
 def images_of(server: "HostServer", outputs: dict, node_id: str) -> list:
     """The images a node wrote (SaveImage/PreviewImage or a node's own preview), as uint8 arrays."""
     import io

@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from host_server import (API_WORKFLOWS, PACK_FOLDER, WORKFLOWS, HostServer, api_workflow, build_tiny_sd15, failed, id_of,
+from host_server import (assert_registered_with_tooltips, API_WORKFLOWS, PACK_FOLDER, WORKFLOWS, HostServer, api_workflow, build_tiny_sd15, failed, id_of,
                          images_of, interrupt_after_progress, node_of, status_messages, succeeded, taesd_state_dicts)
 from vae_files import reference_model, write_state_dict, write_vae
 
@@ -133,16 +133,7 @@ def core(name: str) -> dict:
 # ---------------------------------------------------------------- registration
 
 def test_every_node_is_registered_with_tooltips(host):
-    info = host.get_json("/object_info")
-    for node_id in NODE_IDS:
-        assert node_id in info, f"{node_id} is not registered"
-        node = info[node_id]
-        assert node["python_module"] == f"custom_nodes.{PACK_FOLDER}"
-        assert node["category"].startswith("VAE Fix/") and node["display_name"] and node["description"]
-        for section in ("required", "optional"):
-            for name, (_, options) in node["input"].get(section, {}).items():
-                assert options.get("tooltip"), f"{node_id} input {name} has no tooltip"
-        assert all(node["output_tooltips"]), f"{node_id} has an output without tooltip"
+    assert_registered_with_tooltips(host.get_json("/object_info"), NODE_IDS, PACK_FOLDER)
 
 
 def test_pack_imported_without_errors(host):

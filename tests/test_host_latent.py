@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from host_server import (PACK_FOLDER, WORKFLOWS, HostServer, api_workflow, build_tiny_sd15, failed, id_of,
+from host_server import (assert_registered_with_tooltips, PACK_FOLDER, WORKFLOWS, HostServer, api_workflow, build_tiny_sd15, failed, id_of,
                          images_of, interrupt_after_progress, status_messages, succeeded, taesd_state_dicts)
 from vae_files import write_state_dict, write_vae
 
@@ -185,16 +185,7 @@ def server_still_serves(host: HostServer) -> None:
 # ---------------------------------------------------------------- registration and help
 
 def test_latent_nodes_are_registered_with_tooltips(host):
-    info = host.get_json("/object_info")
-    for node_id in NODE_IDS:
-        assert node_id in info, f"{node_id} is not registered"
-        node = info[node_id]
-        assert node["python_module"] == f"custom_nodes.{PACK_FOLDER}"
-        assert node["category"].startswith("VAE Fix/") and node["display_name"] and node["description"]
-        for section in ("required", "optional"):
-            for name, (_, options) in node["input"].get(section, {}).items():
-                assert options.get("tooltip"), f"{node_id} input {name} has no tooltip"
-        assert node["output_tooltips"] and all(node["output_tooltips"]), f"{node_id} has an output without tooltip"
+    assert_registered_with_tooltips(host.get_json("/object_info"), NODE_IDS, PACK_FOLDER)
 
 
 def test_latent_help_pages_are_served(host):
