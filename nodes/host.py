@@ -19,11 +19,11 @@ import comfy.utils
 import folder_paths
 from comfy.ldm.models.autoencoder import DiagonalGaussianRegularizer
 
+from ..vae_fix.codec import DTYPES, Codec, parse_dtype
 from ..vae_fix.errors import InputError, VAELoadError
 from ..vae_fix.progress import ProgressFn
 
 VAE_FOLDER = "vae"
-DTYPES = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DIFFUSERS_CONFIG = "config.json"
 
 # Core builds an SD-shaped KL VAE from the weights alone when the layout is exactly this.
@@ -143,13 +143,12 @@ def to_host_vae(vae_file, dtype: str = "auto", path=None) -> "comfy.sd.VAE":
     SD-shaped VAEs go through exactly core's own path; other widths/depths get an explicit config.
     Afterwards every weight of the host model must have come from the file (core only warns).
     """
-    if dtype not in DTYPES:
-        raise InputError("dtype", f"'{dtype}' is not a known dtype", f"one of {', '.join(DTYPES)}")
+    torch_dtype = parse_dtype(dtype)
     cfg, path = vae_file.config, path or getattr(vae_file, "path", "VAE")
     _check_host_support(cfg, path)
     config, sd = (None, dict(vae_file.state_dict)) if _core_builds_it(cfg) else _host_config(cfg, vae_file.state_dict, path)
     try:
-        vae = comfy.sd.VAE(sd=sd, config=config, dtype=DTYPES[dtype], metadata=vae_file.metadata or None)
+        vae = comfy.sd.VAE(sd=sd, config=config, dtype=torch_dtype, metadata=vae_file.metadata or None)
     except RuntimeError as e:  # shape mismatches are raised by load_state_dict even when not strict
         raise VAELoadError(path, f"ComfyUI could not build a model from its weights ({str(e).splitlines()[0]})",
                            "weights matching the layout read from the file") from None
@@ -235,8 +234,21 @@ def downscale(vae) -> int:
     return int(vae.spacial_compression_encode())
 
 
-def out_of_memory_error() -> type:
-    return mm.OOM_EXCEPTION
+def codec(vae, name: str = "vae", input_name: str = "vae") -> Codec:
+    """The engine's view of a host VAE: the host's own encoder and decoder, under its model management.
+    What the VAE cannot do (no posterior, no image decoder) is kept as the reason, raised when asked."""
+    parts = {}
+    try:
+        parts["moments"] = moments_fn(vae)
+    except InputError as e:
+        parts["no_moments"] = e.problem
+    try:
+        parts["decode"], parts["decode_grad"] = decode_fn(vae), decode_fn(vae, differentiable=True)
+    except InputError as e:
+        parts["no_decoder"] = e.problem
+    info = {"path": "from ComfyUI", "layout": type(vae.first_stage_model).__name__, **vae_summary(vae)}
+    return Codec(name, int(vae.latent_channels), downscale(vae), torch.device(vae.output_device), vae.vae_dtype,
+                 info=info, input_name=input_name, **parts)
 
 
 # ---------------------------------------------------------------- progress and cancel

@@ -13,7 +13,7 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..vae_fix import influence, viz
-from ..vae_fix.report import json_safe
+from ..vae_fix.jsonsafe import json_safe
 from . import convert, host
 
 MODE_TIP = ("How each cell is changed: 'median' replaces it by the median of its 8 neighbours (removes a spike: "

@@ -9,7 +9,7 @@ import torch
 from comfy_api.latest import io
 
 from ..vae_fix import edit
-from ..vae_fix.report import json_safe
+from ..vae_fix.jsonsafe import json_safe
 from . import convert
 
 OPERATIONS = {

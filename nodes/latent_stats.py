@@ -7,7 +7,7 @@ import json
 from comfy_api.latest import io, ui
 
 from ..vae_fix import stats
-from ..vae_fix.report import json_safe
+from ..vae_fix.jsonsafe import json_safe
 from . import convert
 
 

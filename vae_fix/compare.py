@@ -20,7 +20,7 @@ from .influence import fast_reach_map, summarize_map
 from .posterior import prepare_images, read_posterior
 from .progress import ProgressFn, report
 from .repair import psnr, side_by_side, to_unit
-from .report import json_safe
+from .jsonsafe import json_safe
 
 
 @dataclass(frozen=True)

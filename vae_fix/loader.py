@@ -82,6 +82,11 @@ class LoadedVAE:
         return {**self.file.info(), "device": str(p.device), "dtype": str(p.dtype).replace("torch.", ""),
                 "parameters": sum(t.numel() for t in self.model.parameters())}
 
+    def codec(self, name: str | None = None, input_name: str = "--vae"):
+        """This model as the engine's `Codec` (what every feature that needs a VAE takes)."""
+        from .codec import model_codec
+        return model_codec(self.model, name or Path(self.file.path).name, self.info(), input_name)
+
 
 @dataclass
 class _Raw:

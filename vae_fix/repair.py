@@ -27,7 +27,7 @@ from .edit import check_latent
 from .errors import InputError
 from .influence import exact_reach, fast_reach_map, near_box, neighbour_median, summarize_map
 from .progress import ProgressFn, report
-from .report import json_safe
+from .jsonsafe import json_safe
 
 DecodeFn = Callable[[torch.Tensor], torch.Tensor]
 

@@ -22,30 +22,12 @@ import torch
 
 from . import __version__
 from .anomaly import AnomalyReport
+from .jsonsafe import json_safe
 from .posterior import LOGVAR_MAX, LOGVAR_MIN, Posterior
 
 SCHEMA = 1
 MAX_LISTED = 256      # anomalies / floor-hit cells written per image (counts are always complete)
 SUMMARY_LISTED = 8    # anomalies printed per image in the text summary
-
-
-def json_safe(obj):
-    """A copy of `obj` made of dict/list/str/int/float/bool/None only, non-finite floats → None."""
-    if isinstance(obj, torch.Tensor):
-        obj = obj.detach().cpu().tolist()
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, (bool, int, str)) or obj is None:
-        return obj
-    if isinstance(obj, dict):
-        return {str(k): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    if hasattr(obj, "item"):  # numpy / torch scalars
-        return json_safe(obj.item())
-    return str(obj)
 
 
 def _stats(t: torch.Tensor) -> dict:
@@ -173,9 +155,9 @@ def report_pictures(image: torch.Tensor, posterior: Posterior, index: int, anoma
     lv = posterior.logvar_raw[index]
     vmin, vmax = viz.value_range(lv, percentiles=percentiles)
     h, w = posterior.latent_size
-    scale = viz.auto_scale(h, w, 192)
+    scale = viz.zoom_for(h, w, 192)
     label = "raw log-variance (nats)"
-    pics = {"logvar_grid": viz.channel_grid(lv, cmap, vmin, vmax, scale=viz.auto_scale(h, w), label=label)}
+    pics = {"logvar_grid": viz.channel_grid(lv, cmap, vmin, vmax, scale=viz.zoom_for(h, w), label=label)}
     for c in range(lv.shape[0]):
         tile = viz.caption(viz.heatmap(lv[c], cmap, vmin, vmax, scale), f"channel {c}")
         pics[f"logvar_c{c}"] = viz.with_colorbar(tile, cmap, vmin, vmax, label)

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 from .edit import check_latent
+from . import viz
 from .families import FAMILIES
 
 PERCENTILES = (1, 5, 50, 95, 99)
@@ -74,13 +75,6 @@ PANEL_W, PANEL_H, PAD = 300, 170, 8
 BAR_COLOUR, AXIS_COLOUR, TEXT_COLOUR, MEAN_COLOUR = (70, 130, 200), (90, 90, 90), (20, 20, 20), (220, 80, 40)
 
 
-def _font(size: int):
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1: fixed bitmap font
-        return ImageFont.load_default()
-
-
 def _fmt(v: float) -> str:
     return f"{v:.3g}"
 
@@ -130,7 +124,7 @@ def histogram_image(z: torch.Tensor, bins: int = 64, clip_percentile: float = 0.
     cols = max(1, min(columns, c))
     rows = -(-c // cols)
     img = Image.new("RGB", (cols * PANEL_W, rows * PANEL_H), "white")
-    draw, font = ImageDraw.Draw(img), _font(12)
+    draw, font = ImageDraw.Draw(img), viz.font(12)
     for i in range(c):
         vals = per_channel[i][np.isfinite(per_channel[i])]
         outside = int(((vals < lo) | (vals > hi)).sum())

@@ -119,7 +119,8 @@ def heatmap(values: torch.Tensor, cmap: str = "viridis", vmin: Optional[float] =
 # ---------------------------------------------------------------- text and PIL round trips
 
 @lru_cache(maxsize=8)
-def _font(size: int):
+def font(size: int):
+    """The one font of every picture the pack draws (Pillow's scalable default)."""
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1: only the fixed bitmap font
@@ -176,10 +177,10 @@ def nice_ticks(vmin: float, vmax: float, target: int = 5) -> list[float]:
 def caption(img: torch.Tensor, text: str, size: int = 12) -> torch.Tensor:
     """Add a strip with `text` above `img`."""
     img = _check_image(img)
-    font = _font(size)
-    tw, th = _text_size(text, font)
+    face = font(size)
+    tw, th = _text_size(text, face)
     strip = _to_pil(_canvas(th + 6, max(img.shape[2], tw + 6)))
-    ImageDraw.Draw(strip).text((3, 2), text, fill=TEXT, font=font)
+    ImageDraw.Draw(strip).text((3, 2), text, fill=TEXT, font=face)
     out = _canvas(strip.height + img.shape[1], strip.width)
     out[:, :strip.height] = _from_pil(strip)
     out[:, strip.height:, :img.shape[2]] = img
@@ -195,14 +196,14 @@ def colorbar(cmap: str, vmin: float, vmax: float, length: int = 256, label: str 
     if not isinstance(length, int) or length < 16:
         raise InputError("length", f"{length!r}", "an integer of at least 16 pixels")
     vmin, vmax = _checked_range(float(vmin), float(vmax))
-    font = _font(font_size)
+    face = font(font_size)
     ticks = nice_ticks(vmin, vmax)
     labels = format_ticks(ticks)
-    text_w = max(_text_size(s, font)[0] for s in labels)
-    _, text_h = _text_size("0", font)
+    text_w = max(_text_size(s, face)[0] for s in labels)
+    _, text_h = _text_size("0", face)
     margin = text_h // 2 + 2  # room for the top and bottom numbers
     bar_len = length - 2 * margin
-    label_w = _text_size(label, font)[1] + 6 if label else 0
+    label_w = _text_size(label, face)[1] + 6 if label else 0
     width = 4 + thickness + 4 + text_w + 4 + label_w
     ramp = torch.linspace(vmax, vmin, bar_len).view(bar_len, 1).expand(bar_len, thickness)
     canvas = _canvas(length, width)
@@ -213,11 +214,11 @@ def colorbar(cmap: str, vmin: float, vmax: float, length: int = 256, label: str 
     for t, s in zip(ticks, labels):
         y = margin + round((vmax - t) / (vmax - vmin) * (bar_len - 1))
         draw.line([4 + thickness, y, 4 + thickness + 3, y], fill=TEXT)
-        draw.text((4 + thickness + 5, y), s, fill=TEXT, font=font, anchor="lm")
+        draw.text((4 + thickness + 5, y), s, fill=TEXT, font=face, anchor="lm")
     if label:
-        tw, th = _text_size(label, font)
+        tw, th = _text_size(label, face)
         side = Image.new("RGB", (tw + 4, th + 6), tuple(int(c * 255) for c in BACKGROUND))
-        ImageDraw.Draw(side).text((2, 1), label, fill=TEXT, font=font)
+        ImageDraw.Draw(side).text((2, 1), label, fill=TEXT, font=face)
         side = side.rotate(90, expand=True)
         top = max(0, (length - side.height) // 2)
         im.paste(side.crop((0, 0, side.width, min(side.height, length))), (width - label_w, top))
@@ -251,9 +252,15 @@ def grid_shape(n: int) -> tuple[int, int]:
     return math.ceil(n / side), side
 
 
-def auto_scale(h: int, w: int, target: int = 128) -> int:
-    """Integer zoom that makes the longer side of an h×w map reach about `target` pixels."""
+def zoom_for(h: int, w: int, target: int = 256) -> int:
+    """The one enlargement rule: the whole-number zoom that brings the longer side of an h×w
+    picture or map to about `target` pixels (1 when it is already that large)."""
     return max(1, round(target / max(h, w)))
+
+
+def enlarge(img: torch.Tensor, zoom: int) -> torch.Tensor:
+    """`[..., H, W]` → `[..., H*zoom, W*zoom]`, nearest: cells stay crisp blocks."""
+    return img.repeat_interleave(zoom, -2).repeat_interleave(zoom, -1) if zoom > 1 else img
 
 
 def channel_grid(maps: torch.Tensor, cmap: str = "viridis", vmin: Optional[float] = None,
@@ -268,7 +275,7 @@ def channel_grid(maps: torch.Tensor, cmap: str = "viridis", vmin: Optional[float
     if len(labels) != c:
         raise InputError("labels", f"{len(labels)} labels for {c} maps", "one label per channel")
     vmin, vmax = value_range(m, vmin, vmax, percentiles)
-    scale = scale or auto_scale(h, w)
+    scale = scale or zoom_for(h, w, 128)
     rows, cols = grid_shape(c)
     tiles = [caption(heatmap(m[i], cmap, vmin, vmax, scale), labels[i], size=11) for i in range(c)]
     th, tw = max(t.shape[1] for t in tiles), max(t.shape[2] for t in tiles)

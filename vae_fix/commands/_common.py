@@ -1,6 +1,8 @@
-"""Helpers the latent commands (stats, influence, repair, compare) share: output folders, JSON,
-and where a latent comes from (a latent file, or encoding an image with a VAE: the posterior mean,
-which is what ComfyUI's VAE Encode returns). Not a command: the CLI registry skips `_` modules.
+"""What every command shares, so a command's `run` only converts arguments, calls its engine
+feature and hands the result to `finish`: the VAE as a `Codec` (--vae, --device, --dtype), the
+output options (--out, --json, --quiet), terminal progress, and where a latent comes from (a latent
+file, or encoding an image with a VAE: the posterior mean, which is what ComfyUI's VAE Encode
+returns). Not a command: the CLI registry skips `_` modules.
 """
 from __future__ import annotations
 
@@ -13,7 +15,59 @@ from ..errors import InputError
 from ..images import load_image
 from ..latent_io import read_latent
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+from ..codec import DTYPE_CHOICES, parse_dtype
+from ..progress import terminal_progress
+from ..result import Result, check_out_dir, write_result
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}  # TODO(redesign): drop
+
+
+def add_output_arguments(p, what: str = "the JSON result, summary.txt and the PNGs") -> None:
+    p.add_argument("--out", required=True, metavar="DIR", type=_out_folder, help=f"folder for {what}")
+    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout (for scripts)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
+
+
+def _out_folder(text: str):
+    import argparse
+    try:
+        return check_out_dir(text)
+    except InputError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_vae_arguments(p, flag: str = "--vae", required: bool = True, what: str = "VAE") -> None:
+    p.add_argument(flag, required=required, help=f"{what} file (.safetensors/.ckpt/.pt/.pth/.bin) or diffusers folder")
+    if not any(a.dest == "device" for a in p._actions):
+        p.add_argument("--device", default="cpu", help="torch device for the model (default cpu)")
+        p.add_argument("--dtype", choices=DTYPE_CHOICES, default="fp32", help="model dtype (default fp32)")
+
+
+def load_codec(args, flag: str = "--vae", name: str | None = None):
+    """The VAE named by `flag` as an engine `Codec`, or None when the flag was not given."""
+    from ..loader import load_vae
+
+    path = getattr(args, flag.lstrip("-").replace("-", "_"))
+    if not path:
+        return None
+    dtype = parse_dtype(args.dtype, "--dtype") or torch.float32
+    return load_vae(path, device=args.device, dtype=dtype).codec(name, input_name=flag)
+
+
+def progress(args, label: str):
+    """A terminal progress bar for the command's long work (none when piped, --quiet or --json)."""
+    return terminal_progress(label, quiet=args.quiet or args.json)
+
+
+def finish(result: Result, args, extra_files: dict | None = None) -> int:
+    """Write the result into --out (atomically) and print its summary, or its JSON with --json."""
+    files = write_result(result, args.out, extra_files)
+    if args.json:
+        print(result.json_text())
+    elif not args.quiet:
+        print(result.summary())
+        print(f"wrote {len(files)} files in {args.out}")
+    return 0
 
 
 def out_dir(path) -> Path:
@@ -25,7 +79,7 @@ def out_dir(path) -> Path:
 
 
 def write_json(data: dict, path) -> Path:
-    from ..report import json_safe
+    from ..jsonsafe import json_safe
 
     path = Path(path)
     path.write_text(json.dumps(json_safe(data), indent=2, allow_nan=False) + "\n")

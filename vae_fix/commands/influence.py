@@ -111,7 +111,7 @@ def _map_picture(values: torch.Tensor, cmap: str, label: str, path: Path) -> str
     from .. import viz
 
     lo, hi = viz.value_range(values, percentiles=(0.0, 100.0))
-    pic = viz.heatmap(values, cmap, lo, hi, viz.auto_scale(*values.shape, 384))
+    pic = viz.heatmap(values, cmap, lo, hi, viz.zoom_for(*values.shape, 384))
     return str(save_png(viz.with_colorbar(pic, cmap, lo, hi, label), path))
 
 

@@ -1,0 +1,94 @@
+"""What the engine needs of a VAE, wherever it runs: the engine's own model or the host's.
+
+Every feature that needs a VAE takes a `Codec`. The CLI builds one from a file
+(`LoadedVAE.codec()`), the ComfyUI layer from a host VAE (`nodes/host.py` `codec`). Nothing in the
+engine guesses a device, a dtype or a downscale from a callable: the codec says.
+
+Callables (all float32 results, on the codec's `device`):
+- `moments(x [B, 3, H, W] in -1..1) -> [B, 2C, h, w]`: mean then raw (unclamped) log-variance;
+- `decode(z [B, C, h, w]) -> [B, 3, H, W]` in -1..1, no gradients;
+- `decode_grad(z)`: the same with gradients flowing back to `z` (for the fast reach map).
+A VAE without a posterior (TAESD, pixel space) or without an image decoder has `None` there and
+says why in `no_moments` / `no_decoder`; `need_moments()` / `need_decoder()` raise that reason.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from .errors import InputError
+
+MomentsFn = Callable[[torch.Tensor], torch.Tensor]
+DecodeFn = Callable[[torch.Tensor], torch.Tensor]
+KL_EXPECTED = "a KL VAE (SD1.x/2.x, SDXL, SD3, Flux or a retrained KL-F8)"
+
+
+@dataclass(frozen=True)
+class Codec:
+    name: str
+    latent_channels: int
+    downscale: int
+    device: torch.device
+    dtype: torch.dtype                       # the dtype the model computes in (inputs are cast to it)
+    moments: Optional[MomentsFn] = None
+    decode: Optional[DecodeFn] = None
+    decode_grad: Optional[DecodeFn] = None
+    info: dict = field(default_factory=dict)  # the report's "vae" entry: file, layout, kind, ...
+    no_moments: str = "it has no posterior variance to read"
+    no_decoder: str = "it has no image decoder"
+    input_name: str = "vae"                  # how errors name this VAE (a node input, a CLI flag)
+
+    def need_moments(self) -> MomentsFn:
+        if self.moments is None:
+            raise InputError(self.input_name, self.no_moments, KL_EXPECTED)
+        return self.moments
+
+    def need_decoder(self, grad: bool = False) -> DecodeFn:
+        fn = self.decode_grad if grad else self.decode
+        if fn is None:
+            raise InputError(self.input_name, self.no_decoder, f"{KL_EXPECTED}, or TAESD, with a decoder")
+        return fn
+
+    def renamed(self, name: str, input_name: Optional[str] = None) -> "Codec":
+        from dataclasses import replace
+        return replace(self, name=name, input_name=input_name or self.input_name)
+
+
+def model_codec(model: torch.nn.Module, name: str = "vae", info: Optional[dict] = None,
+                input_name: str = "--vae") -> Codec:
+    """A codec running the engine's own `AutoencoderKL`: latents go to its device and dtype and
+    come back float32 on that device."""
+    p = next(model.parameters())
+    device, dtype = p.device, p.dtype
+
+    def moments(x):
+        return model.moments(x.to(device=device, dtype=dtype)).float()
+
+    def decode(z):
+        with torch.no_grad():
+            return model.decode(z.to(device=device, dtype=dtype)).float()
+
+    def decode_grad(z):
+        return model.decode(z.to(device=device, dtype=dtype)).float()
+
+    has_decoder = bool(getattr(model, "has_decoder", True))
+    return Codec(name, model.config.latent_channels, model.config.downscale, device, dtype,
+                 moments=moments, decode=decode if has_decoder else None,
+                 decode_grad=decode_grad if has_decoder else None, info=dict(info or {}),
+                 no_decoder="only its encoder was loaded (the file has no KL decoder)", input_name=input_name)
+
+
+# The one dtype table of the pack (nodes and CLI). "auto": the host chooses (the CLI: float32).
+DTYPES = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_DTYPE_ALIASES = {"float32": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16"}
+DTYPE_CHOICES = tuple(DTYPES) + tuple(_DTYPE_ALIASES)
+
+
+def parse_dtype(name: str, input_name: str = "dtype") -> Optional[torch.dtype]:
+    """'fp16' (or 'float16') → torch.float16; 'auto' → None; InputError naming the choices otherwise."""
+    key = _DTYPE_ALIASES.get(str(name), str(name))
+    if key not in DTYPES:
+        raise InputError(input_name, f"'{name}' is not a known dtype", f"one of {', '.join(DTYPES)}")
+    return DTYPES[key]
