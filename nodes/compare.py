@@ -6,7 +6,7 @@ import json
 from comfy_api.latest import io, ui
 
 from ..vae_fix import compare, posterior, viz
-from . import convert, host
+from . import host, wire
 
 
 def side(vae, name: str) -> compare.VAESide:
@@ -75,11 +75,11 @@ class CompareVAEs(io.ComfyNode):
 
     @classmethod
     def execute(cls, vae_a, vae_b, image, name_a, name_b, window, reach, size_policy, colormap) -> io.NodeOutput:
-        images = convert.image_to_engine(image)
+        images = wire.image_to_engine(image)
         result = compare.compare_vaes(side(vae_a, name_a), side(vae_b, name_b), images, window=window, reach=reach,
                                       size_policy=size_policy, cmap=colormap, progress=host.progress_fn())
-        picture = convert.engine_to_image(result.picture)
-        recon_a, recon_b = (convert.engine_to_image(r) for r in result.reconstructions)
+        picture = wire.engine_to_image(result.picture)
+        recon_a, recon_b = (wire.engine_to_image(r) for r in result.reconstructions)
         return io.NodeOutput(picture, json.dumps(result.report, indent=2), summary_text(result.report), recon_a, recon_b,
                              ui=ui.PreviewImage(picture, cls=cls))
 

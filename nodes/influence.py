@@ -14,7 +14,7 @@ from comfy_api.latest import io, ui
 
 from ..vae_fix import influence, viz
 from ..vae_fix.jsonsafe import json_safe
-from . import convert, host
+from . import host, wire
 
 MODE_TIP = ("How each cell is changed: 'median' replaces it by the median of its 8 neighbours (removes a spike: "
             "the question 'what does this cell carry that its neighbours do not'), 'zero' sets it to 0, "
@@ -89,16 +89,16 @@ class LatentReachMap(io.ComfyNode):
 
     @classmethod
     def execute(cls, vae, latent, mode, factor, window, index, blocks, top, colormap) -> io.NodeOutput:
-        z = convert.latent_samples(latent)
+        z = wire.latent_samples(latent)
         decode = host.decode_fn(vae, differentiable=True)
         fast = influence.fast_reach_map(decode, z, mode=mode, factor=factor, window=window, blocks=blocks,
                                         index=index, progress=host.progress_fn())
         summary = influence.summarize_map(fast.reach, top)
         marks = [(c["y"], c["x"]) for c in summary["top_cells"]]
         cell = fast.downscale
-        picture = convert.engine_to_image(_drawn_map(fast.reach, cell, colormap, "far change (RMS)"))
+        picture = wire.engine_to_image(_drawn_map(fast.reach, cell, colormap, "far change (RMS)"))
         decoded = _pixels(fast.image[0])
-        over = convert.engine_to_image(viz.overlay(decoded, fast.reach, 0.5, colormap, marks, cell, vmin=0.0,
+        over = wire.engine_to_image(viz.overlay(decoded, fast.reach, 0.5, colormap, marks, cell, vmin=0.0,
                                                    percentiles=(0.0, 100.0), zoom=zoom_for(*decoded.shape[1:])))
         report = dict(summary, method="first-order change of the far regions' mean colour (RMS, 0..1 image units)",
                       mode=mode, factor=factor if mode == "scale" else None, window=window, blocks=blocks, index=index,
@@ -149,7 +149,7 @@ class LatentCellReach(io.ComfyNode):
     @classmethod
     def execute(cls, vae, latent, cells, mode, factor, window, index, batch_size, colormap,
                 top_cells=None) -> io.NodeOutput:
-        z = convert.latent_samples(latent)
+        z = wire.latent_samples(latent)
         chosen = (influence.parse_cells(cells) if top_cells is None else influence.parse_cells(top_cells, "top_cells")) or None
         decode = host.decode_fn(vae)
         reach = influence.exact_reach(decode, z, chosen, mode=mode, factor=factor, window=window, index=index,
@@ -166,8 +166,8 @@ class LatentCellReach(io.ComfyNode):
         report = {"mode": mode, "factor": factor if mode == "scale" else None, "window": window, "index": index,
                   "latent_size": [h, w], "downscale": cell, "units": "0..1 image units",
                   "cells": [r.to_dict() for r in reach]}
-        out = convert.engine_to_image(picture)
-        return io.NodeOutput(out, convert.engine_to_image(difference), json.dumps(json_safe(report), indent=2),
+        out = wire.engine_to_image(picture)
+        return io.NodeOutput(out, wire.engine_to_image(difference), json.dumps(json_safe(report), indent=2),
                              ui=ui.PreviewImage(out, cls=cls))
 
 

@@ -12,7 +12,7 @@ from comfy_api.latest import io, ui
 
 from ..vae_fix import anomaly, posterior, report, viz
 from ..vae_fix.errors import InputError
-from . import convert, host
+from . import host, wire
 
 SIZE_POLICY_TIP = ("What to do when the image size is not a multiple of the VAE's downscale (8 for SD): "
                    "'crop' keeps the centre (as core's VAE Encode does), 'pad' repeats the edge so every pixel is seen.")
@@ -26,10 +26,9 @@ RANGES = ("percentile", "fixed")
 def read_posterior(vae, image, size_policy: str) -> tuple[posterior.Posterior, torch.Tensor]:
     """The raw posterior of a ComfyUI IMAGE batch through the host's own VAE, image by image
     (progress and cancel after each). Returns it with the engine copy of the image `[B, 3, H, W]`."""
-    moments = host.moments_fn(vae)  # refuses VAEs without a variance, naming their kind
-    x = convert.image_to_engine(image)
-    post = posterior.read_posterior(moments, x, size_policy=size_policy, downscale=host.downscale(vae),
-                                    batch_size=1, progress=host.progress_fn())
+    x = wire.image_to_engine(image)
+    post = posterior.read_posterior(host.codec(vae), x, size_policy=size_policy, batch_size=1,
+                                    progress=host.progress_fn())
     return post, x
 
 
@@ -115,7 +114,7 @@ class LogVarianceMap(io.ComfyNode):
         cell = post.size.downscale
         label = LABELS[VALUES[value]]
         pictures = [_draw(m, colormap, vmin, vmax, cell, colorbar, label) for m in maps]
-        out = convert.images_to_batch(pictures)
+        out = wire.images_to_batch(pictures)
         stats = _stats(post, maps, vmin, vmax, value, show)
         return io.NodeOutput(out, json.dumps(stats, indent=2), ui=ui.PreviewImage(out, cls=cls))
 
@@ -192,8 +191,8 @@ class InspectVAE(io.ComfyNode):
         settings = {"node": "VAEFixInspectVAE", "size_policy": size_policy, "threshold": threshold,
                     "min_drop": min_drop, "colormap": colormap}
         full = report.build_report(_vae_info(vae), entries, settings)
-        overlay = convert.images_to_batch(overlays)
-        return io.NodeOutput(overlay, convert.images_to_batch(grids), json.dumps(full, indent=2),
+        overlay = wire.images_to_batch(overlays)
+        return io.NodeOutput(overlay, wire.images_to_batch(grids), json.dumps(full, indent=2),
                              report.summary_text(full), ui=ui.PreviewImage(overlay, cls=cls))
 
 

@@ -10,7 +10,7 @@ from comfy_api.latest import io
 
 from ..vae_fix import edit
 from ..vae_fix.jsonsafe import json_safe
-from . import convert
+from . import wire
 
 OPERATIONS = {
     "scale (x factor)": "scale",
@@ -80,12 +80,12 @@ class LatentChannelEdit(io.ComfyNode):
     @classmethod
     def execute(cls, latent, operation, channels, factor, offset, low, high, limit, mean, std, target, batch,
                 mask=None) -> io.NodeOutput:
-        z = convert.latent_samples(latent)
+        z = wire.latent_samples(latent)
         op = OPERATIONS.get(operation, operation)
         edited = edit.edit_channels(z, op, channels, factor=factor, offset=offset, low=low, high=high, limit=limit,
                                     mean=mean, std=std, target=target, mask=mask, batch=batch)
         info = _info(z, edited, op, channels, target, batch, mask)
-        return io.NodeOutput(convert.with_samples(latent, edited), json.dumps(json_safe(info), indent=2))
+        return io.NodeOutput(wire.with_samples(latent, edited), json.dumps(json_safe(info), indent=2))
 
 
 def _info(z: torch.Tensor, edited: torch.Tensor, op: str, channels, target, batch, mask) -> dict:

@@ -8,7 +8,7 @@ from comfy_api.latest import io, ui
 
 from ..vae_fix import stats
 from ..vae_fix.jsonsafe import json_safe
-from . import convert
+from . import wire
 
 
 def summary_text(s: dict) -> str:
@@ -63,9 +63,9 @@ class LatentStatistics(io.ComfyNode):
 
     @classmethod
     def execute(cls, latent, bins, clip_percentile, columns) -> io.NodeOutput:
-        z = convert.latent_samples(latent)
+        z = wire.latent_samples(latent)
         numbers = stats.latent_stats(z)
-        picture = convert.engine_to_image(stats.histogram_image(z, bins, clip_percentile, columns))
+        picture = wire.engine_to_image(stats.histogram_image(z, bins, clip_percentile, columns))
         return io.NodeOutput(json.dumps(json_safe(numbers), indent=2), summary_text(numbers), picture,
                              ui=ui.PreviewImage(picture, cls=cls))
 

@@ -8,7 +8,7 @@ from comfy_api.latest import io, ui
 from ..vae_fix import latent_preview
 from ..vae_fix.errors import InputError
 from ..vae_fix.families import FAMILIES
-from . import convert, host
+from . import host, wire
 
 FIT = "fit from the VAE"
 FAMILY_CHOICES = {"auto": "auto", **{f.label: f.name for f in FAMILIES.values()}, FIT: None}
@@ -48,13 +48,13 @@ class LatentPreviewRGB(io.ComfyNode):
 
     @classmethod
     def execute(cls, latent, family, scale, vae=None) -> io.NodeOutput:
-        z = convert.latent_samples(latent)
+        z = wire.latent_samples(latent)
         name = FAMILY_CHOICES.get(family, family)
         decode = host.decode_fn(vae) if vae is not None else None
         if name is None and decode is None:
             raise InputError("vae", f"'{FIT}' needs a VAE", "a VAE connected to 'vae', or a family")
         preview = latent_preview.preview_for(z, name, decode)
-        picture = convert.engine_to_image(preview.image(z, scale))
+        picture = wire.engine_to_image(preview.image(z, scale))
         return io.NodeOutput(picture, json.dumps(preview.to_dict(), indent=2), ui=ui.PreviewImage(picture, cls=cls))
 
 

@@ -7,7 +7,7 @@ from comfy_api.latest import io, ui
 
 from ..vae_fix import anomaly, repair
 from ..vae_fix.errors import InputError
-from . import convert, host
+from . import host, wire
 from .inspect import read_posterior
 
 SOURCES = {
@@ -83,14 +83,14 @@ class RepairLatent(io.ComfyNode):
     @classmethod
     def execute(cls, vae, latent, source, posterior_threshold, latent_threshold, window, measure_cells, fast_map,
                 image=None) -> io.NodeOutput:
-        z = convert.latent_samples(latent)
+        z = wire.latent_samples(latent)
         decode = host.decode_fn(vae, differentiable=fast_map)  # refuses what cannot decode images
         mask, scores, used = flagged_cells(vae, z, image, SOURCES.get(source, source), posterior_threshold,
                                            latent_threshold)
         result = repair.repair_latent(decode, z, mask, scores=scores, window=window, measure_cells=measure_cells,
                                       fast_map=fast_map, source=used, progress=host.progress_fn())
-        pictures = convert.images_to_batch([repair.repair_picture(result, i) for i in range(z.shape[0])])
-        out = convert.with_samples(latent, result.latent.to(z.device))
+        pictures = wire.images_to_batch([repair.repair_picture(result, i) for i in range(z.shape[0])])
+        out = wire.with_samples(latent, result.latent.to(z.device))
         return io.NodeOutput(out, pictures, json.dumps(result.report, indent=2), ui=ui.PreviewImage(pictures, cls=cls))
 
 

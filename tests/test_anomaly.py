@@ -6,7 +6,7 @@ import torch
 from vae_fix.anomaly import find_anomalies
 from vae_fix.errors import InputError
 from vae_fix.model import preset_config
-from vae_fix.planted import demo_image, paint_marker, planted_vae, smooth_vae
+from vae_fix.builders.planted import demo_image, paint_marker, planted_vae, smooth_vae
 from vae_fix.posterior import SizeHandling, posterior_from_moments, read_posterior
 
 
@@ -29,7 +29,7 @@ def far_from(cells, cell, radius=1):
 @pytest.mark.parametrize("family,cell,seed", [("sd", (9, 21), 0), ("sd3", (0, 0), 1), ("retrained8", (31, 16), 2)])
 def test_planted_hole_is_found_at_exactly_its_cell(family, cell, seed):
     planted = planted_vae(preset_config(family, small=True), cell=cell, seed=seed)
-    report = find_anomalies(read_posterior(planted.model.moments, planted.image))
+    report = find_anomalies(read_posterior(planted.codec, planted.image))
     top = report.anomalies[0]
     assert (top.y, top.x) == cell and top.kind == "logvar_low"
     assert top.clamp_floor_hit and top.logvar_raw_min < -40 and top.score > 15
@@ -42,13 +42,13 @@ def test_the_hole_follows_the_marker_not_a_fixed_position():
     cfg = preset_config("sd", small=True)
     planted = planted_vae(cfg, cell=(9, 21))
     moved = paint_marker(demo_image(128, 128, None, 4), (20, 5), 4)  # same weights, marker elsewhere
-    report = find_anomalies(read_posterior(planted.model.moments, moved))
+    report = find_anomalies(read_posterior(planted.codec, moved))
     assert report.marks()[0] == (20, 5) and far_from(report.marks(), (20, 5)) == []
 
 
 def test_smooth_vae_gives_no_anomalies_and_no_floor_hits():
     smooth = smooth_vae(preset_config("sd", small=True))
-    post = read_posterior(smooth.model.moments, smooth.image)
+    post = read_posterior(smooth.codec, smooth.image)
     report = find_anomalies(post)
     assert report.anomalies == [] and report.floor_hits == [] and report.groups == []
     assert float(post.logvar_raw.std()) < 0.2  # the map is nearly constant around -20
@@ -59,8 +59,8 @@ def test_a_global_shift_of_the_log_variance_changes_nothing_but_the_floor():
     cfg = preset_config("sd", small=True)
     deep = planted_vae(cfg, typical=-20.0)
     shallow = planted_vae(cfg, typical=-5.0)  # same weights but for the bias: hole at about -35
-    r_deep = find_anomalies(read_posterior(deep.model.moments, deep.image))
-    r_shallow = find_anomalies(read_posterior(shallow.model.moments, shallow.image))
+    r_deep = find_anomalies(read_posterior(deep.codec, deep.image))
+    r_shallow = find_anomalies(read_posterior(shallow.codec, shallow.image))
     assert r_deep.marks() == r_shallow.marks() == [(9, 21)]
     assert r_shallow.anomalies[0].score == pytest.approx(r_deep.anomalies[0].score, rel=1e-3)
 

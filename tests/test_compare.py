@@ -14,7 +14,7 @@ from vae_fix.loader import save_vae
 from vae_fix.compare import VAESide, compare_vaes
 from vae_fix.errors import InputError
 from vae_fix.model import preset_config
-from vae_fix.planted import planted_vae, smooth_vae
+from vae_fix.builders.planted import planted_vae, smooth_vae
 
 CELL = (9, 21)
 

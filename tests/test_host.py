@@ -25,7 +25,7 @@ from vae_files import reference_model, write_state_dict, write_vae
 from vae_fix.images import load_image, save_png
 from vae_fix.loader import save_vae
 from vae_fix.model import preset_config
-from vae_fix.planted import planted_vae, smooth_vae
+from vae_fix.builders.planted import planted_vae, smooth_vae
 
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
 REPO = Path(__file__).resolve().parents[1]

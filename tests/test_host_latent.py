@@ -26,7 +26,7 @@ from vae_fix.images import save_png
 from vae_fix.latent_preview import family_preview
 from vae_fix.loader import save_vae
 from vae_fix.model import VAEConfig, preset_config
-from vae_fix.planted import planted_vae
+from vae_fix.builders.planted import planted_vae
 
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
 REPO = Path(__file__).resolve().parents[1]
@@ -39,7 +39,7 @@ pytestmark = pytest.mark.host
 # ---------------------------------------------------------------- the server and its models
 
 def smuggler_vae(cfg: VAEConfig, cell: tuple[int, int], spike: float = 0.25):
-    """The planted VAE (log-variance hole at `cell`, vae_fix.planted) whose encoder also writes a spike
+    """The planted VAE (log-variance hole at `cell`, vae_fix.builders.planted) whose encoder also writes a spike
     into the latent *mean* at that cell, as SD's encoder does at its black holes. The spike comes
     from the planted marker carrier (encoder channel group 0 after norm_out, ~sqrt(cells) at the
     cell and ~0 elsewhere), read by conv_out's mean rows at the centre tap."""

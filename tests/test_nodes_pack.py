@@ -90,7 +90,7 @@ def test_node_modules_list_matches_files():
 @pytest.fixture(scope="module")
 def convert():
     load_pack()
-    return importlib.import_module("vae_fix_pack_under_test.nodes.convert")
+    return importlib.import_module("vae_fix_pack_under_test.nodes.wire")
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from vae_fix.codec import Codec, model_codec
 from vae_fix.errors import InputError
 from vae_fix.images import load_image
 from vae_fix.model import preset_config, random_vae
@@ -22,6 +23,11 @@ def pooled_moments(x):
     return torch.cat([p[:, :2], 40 * p[:, 2:3] - 5, torch.full_like(p[:, :1], -20.0)], dim=1)
 
 
+def fn_codec(moments_fn, downscale: int = 8) -> Codec:
+    """A codec around a plain moments function on the CPU in float32."""
+    return Codec("stand-in", 2, downscale, torch.device("cpu"), torch.float32, moments=moments_fn)
+
+
 def cell_image(rgb_cells):
     """[h, w, 3] cell colours in 0..1 -> [1, 3, 8h, 8w] image, each 8x8 cell a flat colour."""
     t = torch.tensor(rgb_cells, dtype=torch.float32).permute(2, 0, 1)[None]
@@ -32,7 +38,7 @@ def test_statistics_match_a_hand_computation():
     # cell (0,0): r,g = 1,0.5 -> mu = (1, 0); b = 0 -> logvar_0 = 40*(-1) - 5 = -45 (below the floor)
     # cell (0,1): r,g = 0,0   -> mu = (-1, -1); b = 1 -> logvar_0 = 35 (above the ceiling)
     img = cell_image([[[1.0, 0.5, 0.0], [0.0, 0.0, 1.0]]])
-    post = read_posterior(pooled_moments, img)
+    post = read_posterior(fn_codec(pooled_moments), img)
     assert post.latent_size == (1, 2) and post.latent_channels == 2
     assert torch.allclose(post.mean[0, :, 0, 0], torch.tensor([1.0, 0.0]))
     assert post.logvar_raw[0, 0, 0, 0].item() == pytest.approx(-45.0)
@@ -53,7 +59,7 @@ def test_real_model_mean_is_what_encode_returns_and_input_untouched():
     vae = random_vae(preset_config("sd", small=True), seed=1)
     img = torch.rand(2, 3, 32, 48, generator=torch.Generator().manual_seed(0))
     before = img.clone()
-    post = read_posterior(vae.moments, img)
+    post = read_posterior(model_codec(vae), img)
     assert torch.equal(img, before)
     assert post.latent_size == (8, 12)  # small preset downscales by 4, read from the model's config
     with torch.no_grad():
@@ -66,7 +72,7 @@ def test_real_model_mean_is_what_encode_returns_and_input_untouched():
 
 def test_statistics_are_float32_when_the_model_runs_in_bfloat16():
     vae = random_vae(preset_config("sd", small=True), seed=1).to(torch.bfloat16)
-    post = read_posterior(vae.moments, torch.rand(1, 3, 16, 16))
+    post = read_posterior(model_codec(vae), torch.rand(1, 3, 16, 16))
     for t in (post.mean, post.logvar_raw, post.logvar, post.std, post.kl, post.kl_total):
         assert t.dtype == torch.float32 and bool(torch.isfinite(t).all())
 
@@ -77,7 +83,7 @@ def test_statistics_are_float32_when_the_model_runs_in_bfloat16():
 ])
 def test_sizes_not_a_multiple_of_8_are_handled_and_reported(policy, processed, latent, offset, padding):
     img = torch.rand(1, 3, 37, 50)
-    post = read_posterior(pooled_moments, img, size_policy=policy)
+    post = read_posterior(fn_codec(pooled_moments), img, size_policy=policy)
     s = post.size
     assert s.changed and s.policy == policy and s.original == (37, 50)
     assert s.processed == processed and s.offset == offset and s.padding == padding
@@ -100,7 +106,7 @@ def test_an_rgba_png_loads_without_alpha_and_reads(tmp_path):
     Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
     img = load_image(tmp_path / "a.png")
     assert img.shape == (1, 3, 16, 24)
-    post = read_posterior(pooled_moments, img)
+    post = read_posterior(fn_codec(pooled_moments), img)
     assert post.mean[0, 0].allclose(torch.full((2, 3), 200 / 255 * 2 - 1))
 
 
@@ -115,40 +121,40 @@ def test_an_rgba_png_loads_without_alpha_and_reads(tmp_path):
 ])
 def test_bad_images_raise_input_error_naming_the_problem(bad, fragment):
     with pytest.raises(InputError) as e:
-        read_posterior(pooled_moments, bad)
+        read_posterior(fn_codec(pooled_moments), bad)
     assert "images" in str(e.value) and fragment in str(e.value)
 
 
 def test_bad_options_raise_input_error():
     img = torch.rand(1, 3, 16, 16)
     with pytest.raises(InputError, match="size_policy"):
-        read_posterior(pooled_moments, img, size_policy="stretch")
+        read_posterior(fn_codec(pooled_moments), img, size_policy="stretch")
     with pytest.raises(InputError, match="tile"):
-        read_posterior(pooled_moments, img, tile=12)
+        read_posterior(fn_codec(pooled_moments), img, tile=12)
     with pytest.raises(InputError, match="downscale"):
-        read_posterior(pooled_moments, img, downscale=4)  # the stand-in downscales by 8
+        read_posterior(fn_codec(pooled_moments, downscale=4), img)  # the stand-in downscales by 8
     with pytest.raises(InputError, match="smaller than one latent cell"):
-        read_posterior(pooled_moments, torch.rand(1, 3, 5, 16))
+        read_posterior(fn_codec(pooled_moments), torch.rand(1, 3, 5, 16))
 
 
 def test_batches_report_progress_and_a_raising_callback_cancels():
     img = torch.rand(5, 3, 16, 16)
     calls = []
-    post = read_posterior(pooled_moments, img, batch_size=2, progress=lambda d, t: calls.append((d, t)))
+    post = read_posterior(fn_codec(pooled_moments), img, batch_size=2, progress=lambda d, t: calls.append((d, t)))
     assert calls == [(0, 5), (2, 5), (4, 5), (5, 5)]
-    assert torch.allclose(post.mean, read_posterior(pooled_moments, img).mean)
+    assert torch.allclose(post.mean, read_posterior(fn_codec(pooled_moments), img).mean)
 
     def cancel(done, total):
         if done:
             raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
-        read_posterior(pooled_moments, img, batch_size=2, progress=cancel)
+        read_posterior(fn_codec(pooled_moments), img, batch_size=2, progress=cancel)
 
 
 def test_requested_tiles_give_the_same_moments_for_a_local_encoder():
     img = torch.rand(2, 3, 72, 104)
-    whole = read_posterior(pooled_moments, img)
-    tiled = read_posterior(pooled_moments, img, tile=32, tile_overlap=16)
+    whole = read_posterior(fn_codec(pooled_moments), img)
+    tiled = read_posterior(fn_codec(pooled_moments), img, tile=32, tile_overlap=16)
     assert tiled.tiling.reason == "requested" and tiled.tiling.tiles_per_image == 3 * 4
     assert torch.allclose(tiled.logvar_raw, whole.logvar_raw) and torch.allclose(tiled.mean, whole.mean)
 
@@ -163,14 +169,14 @@ def test_out_of_memory_falls_back_to_tiles_and_says_so():
         return pooled_moments(x)
 
     img = torch.rand(1, 3, 256, 192)
-    post = read_posterior(small_memory, img)
+    post = read_posterior(fn_codec(small_memory), img)
     assert post.tiling is not None and post.tiling.reason == "out of memory"
     assert post.tiling.tile <= 64 and any("out of memory" in n for n in post.notes)
-    assert torch.allclose(post.logvar_raw, read_posterior(pooled_moments, img).logvar_raw)
+    assert torch.allclose(post.logvar_raw, read_posterior(fn_codec(pooled_moments), img).logvar_raw)
 
 
 def test_other_errors_are_not_mistaken_for_out_of_memory():
     def broken(x):
         raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
     with pytest.raises(RuntimeError, match="shapes"):
-        read_posterior(broken, torch.rand(1, 3, 16, 16))
+        read_posterior(fn_codec(broken), torch.rand(1, 3, 16, 16))

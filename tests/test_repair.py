@@ -14,7 +14,7 @@ from vae_fix.loader import save_vae
 from vae_fix.anomaly import find_anomalies
 from vae_fix.errors import InputError
 from vae_fix.model import preset_config, random_vae
-from vae_fix.planted import planted_vae
+from vae_fix.builders.planted import planted_vae
 from vae_fix.posterior import read_posterior
 from vae_fix.repair import anomaly_mask, latent_outliers, neutralise, repair_latent, repair_picture
 
@@ -79,7 +79,7 @@ def test_repair_removes_the_reach_of_spikes():
 
 def test_repair_from_the_posterior_of_a_planted_hole():
     planted = planted_vae(preset_config("sd", small=True), cell=(9, 21))
-    post = read_posterior(planted.model.moments, planted.image)
+    post = read_posterior(planted.codec, planted.image)
     found = find_anomalies(post, 0)
     mask = anomaly_mask(found, 1, *post.latent_size)
     assert mask[0, 9, 21]

@@ -1,6 +1,6 @@
 """The raw posterior of a KL VAE: mean, unclamped log-variance, and the statistics built on them.
 
-`read_posterior(moments_fn, images)` runs the encoder once and keeps everything the reference
+`read_posterior(codec, images)` runs the encoder once and keeps everything the reference
 `DiagonalGaussianDistribution` hides: the raw log-variance before its clamp to [-30, 20] (the SD
 "black hole" sits *below* that floor, so a clamped map shows it as "-30 on the dot").
 
@@ -12,22 +12,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
+from .codec import Codec, MomentsFn
 from .errors import InputError
-from .progress import ProgressFn, report
+from .progress import ProgressFn, Steps
 
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0  # the clamp of the reference DiagonalGaussianDistribution
 SIZE_POLICIES = ("crop", "pad")
 RANGE_TOLERANCE = 0.01  # resamplers overshoot 0..1 a little; beyond this the image is not 0..1
 DEFAULT_TILE_OVERLAP = 64  # pixels of context on each side of a tile's kept core (8 latent cells)
 MIN_AUTO_TILE_CELLS = 4  # the out-of-memory fallback halves tiles down to 4x4 latent cells
-
-MomentsFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -189,19 +187,6 @@ def prepare_images(images: torch.Tensor, downscale: int = 8, size_policy: str = 
 
 # ---------------------------------------------------------------- running the encoder
 
-def _model_of(moments_fn) -> Optional[nn.Module]:
-    owner = getattr(moments_fn, "__self__", None)
-    return owner if isinstance(owner, nn.Module) else None
-
-
-def _device_dtype(moments_fn, images):
-    model = _model_of(moments_fn)
-    param = next(model.parameters(), None) if model is not None else None
-    if param is None:
-        return images.device, torch.float32
-    return param.device, param.dtype
-
-
 def is_out_of_memory(err: BaseException) -> bool:
     oom = getattr(torch, "OutOfMemoryError", None)
     if oom is not None and isinstance(err, oom):
@@ -261,38 +246,32 @@ def _check_tile(tile, downscale: int) -> None:
         raise InputError("tile", f"{tile!r}", f"a positive multiple of the downscale ({downscale}) in pixels, or None")
 
 
-def read_posterior(moments_fn: MomentsFn, images: torch.Tensor, *, size_policy: str = "crop",
-                   downscale: Optional[int] = None, batch_size: Optional[int] = None,
-                   progress: Optional[ProgressFn] = None, tile: Optional[int] = None,
-                   tile_overlap: int = DEFAULT_TILE_OVERLAP) -> Posterior:
-    """Run the encoder on `images [B, 3, H, W]` (0..1) and return its full raw posterior.
+def read_posterior(codec: Codec, images: torch.Tensor, *, size_policy: str = "crop",
+                   batch_size: Optional[int] = None, progress: Optional[ProgressFn] = None,
+                   tile: Optional[int] = None, tile_overlap: int = DEFAULT_TILE_OVERLAP) -> Posterior:
+    """Run the codec's encoder on `images [B, 3, H, W]` (0..1) and return its full raw posterior.
 
-    `moments_fn` maps `[B, 3, H, W]` in -1..1 to `[B, 2C, h, w]`; when it is a bound method of a
-    torch module (e.g. `AutoencoderKL.moments`) the input is moved to that module's device and
-    dtype, and `downscale` defaults to its config's; otherwise the callable handles placement and
-    `downscale` defaults to 8. `size_policy` decides what happens to sizes that are not multiples of
-    the downscale (reported in `Posterior.size`). `tile` (px) encodes tile by tile; without it an
-    out-of-memory error switches to tiles automatically (reported in `Posterior.tiling`).
+    The codec says where the model runs (inputs go to its `device` in its `dtype`) and its
+    `downscale`; nothing is guessed. `size_policy` decides what happens to sizes that are not
+    multiples of the downscale (reported in `Posterior.size`). `tile` (px) encodes tile by tile;
+    without it an out-of-memory error switches to tiles automatically (reported in `Posterior.tiling`).
     """
-    if downscale is None:
-        cfg = getattr(_model_of(moments_fn), "config", None)
-        downscale = int(getattr(cfg, "downscale", 8))
+    moments_fn, downscale = codec.need_moments(), codec.downscale
     x, size = prepare_images(images, downscale, size_policy)
     _check_tile(tile, downscale)
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
         raise InputError("batch_size", f"{batch_size!r}", "a positive integer or None (whole batch)")
-    device, dtype = _device_dtype(moments_fn, images)
     total, step = x.shape[0], batch_size or x.shape[0]
     tiling, chunks, notes = None, [], []
     if tile is not None:
         tiling = Tiling(tile, tile_overlap, _count_tiles(x.shape, downscale, tile), "requested")
-    report(progress, 0, total)
+    steps = Steps(progress, total)
     with torch.no_grad():
         for start in range(0, total, step):
-            part = (x[start:start + step] * 2.0 - 1.0).to(device=device, dtype=dtype)
+            part = (x[start:start + step] * 2.0 - 1.0).to(device=codec.device, dtype=codec.dtype)
             m, tiling = _moments_with_fallback(moments_fn, part, downscale, tiling, tile_overlap)
             chunks.append(m.float().to(images.device))
-            report(progress, min(start + step, total), total)
+            steps.step(part.shape[0])
     if tiling is not None and tiling.reason != "requested":
         notes.append(f"out of memory on the whole image: {tiling.describe()}")
     moments = chunks[0] if len(chunks) == 1 else torch.cat(chunks)

@@ -121,9 +121,26 @@ def latent_from_args(args, vae, allow_nonfinite: bool = False):
     if vae is None:
         raise InputError("--vae", "an image needs a VAE to encode it", "--vae with --image, or --latent")
     image = load_image(args.image)
-    post = read_posterior(vae.model.moments, image, downscale=vae.config.downscale)
+    post = read_posterior(vae.codec(), image)
     shown, _ = prepare_images(image, vae.config.downscale, "crop")
     return post.mean, post, shown
+
+
+def latent_and_image(args, codec, allow_nonfinite: bool = False):
+    """(latent `[B, C, h, w]` float32 on the CPU, the image it was encoded from `[1, 3, H, W]` or None)
+    from --latent, or from --image encoded by `codec` (the posterior mean, as ComfyUI's VAE Encode)."""
+    from ..posterior import read_posterior
+
+    if args.latent:
+        z = read_latent(args.latent, allow_nonfinite)
+        if codec is not None and z.shape[1] != codec.latent_channels:
+            raise InputError("--latent", f"{z.shape[1]} channels, but the VAE's latents have "
+                             f"{codec.latent_channels}", "a latent made by this VAE")
+        return z, None
+    if codec is None:
+        raise InputError("--vae", "an image needs a VAE to encode it", "--vae with --image, or --latent")
+    image = load_image(args.image)
+    return read_posterior(codec, image).mean.cpu(), image
 
 
 def decoder_fn(vae):

@@ -8,7 +8,7 @@ from pathlib import Path
 from ..errors import InputError
 from ..images import save_png
 from ..model import preset_config
-from ..planted import HOLE_DEPTH, TYPICAL_LOGVAR, demo_image, planted_vae
+from ..builders.planted import HOLE_DEPTH, TYPICAL_LOGVAR, demo_image, planted_vae
 from ..report import summary_text
 
 NAME = "demo"
@@ -50,7 +50,7 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     about = {"cell": list(cell), "typical_logvar": TYPICAL_LOGVAR, "depth": HOLE_DEPTH, "seed": args.seed}
     vae_path = save_vae(planted.model, out / "demo_vae.safetensors",
-                        metadata={"vae_fix.planted": json.dumps(about)})
+                        metadata={"vae_fix.builders.planted": json.dumps(about)})
     image_path = save_png(image[0], out / "demo.png")
     print(f"saved {vae_path} ({vae_path.stat().st_size / 1e6:.1f} MB) and {image_path}")
     report = run_inspect(vae_path, [image_path], out / "inspect")

@@ -101,7 +101,7 @@ def run_inspect(vae_path, image_paths, out_dir, *, save_moments=None, size_polic
     entries, posteriors = [], []
     for i, (path, img, prefix) in enumerate(zip(paths, images, _prefixes(paths))):
         log(f"[{i + 1}/{len(paths)}] {path}: {img.shape[3]}x{img.shape[2]}")
-        post = read_posterior(vae.model.moments, img, size_policy=size_policy, downscale=ds, tile=tile)
+        post = read_posterior(vae.codec(), img, size_policy=size_policy, tile=tile)
         found = find_anomalies(post, 0, threshold=threshold, min_drop=min_drop, mean_threshold=mean_threshold)
         shown, _ = prepare_images(img, ds, size_policy)
         files = {}

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .errors import InputError
-from .model import AutoencoderKL, AttnBlock, Downsample, ResnetBlock, VAEConfig, random_vae
+from ..errors import InputError
+from ..model import AutoencoderKL, AttnBlock, Downsample, ResnetBlock, VAEConfig, random_vae
 
 TYPICAL_LOGVAR = -20.0  # SD-VAE maps sit around -17..-23 (see docs)
 TYPICAL_SPREAD = 1.5    # robust sigma (1.4826 x MAD) of the planted map, nats
@@ -46,6 +46,12 @@ class PlantedVAE:
     cell: tuple[int, int] | None   # (y, x) latent cell of the hole, None for a smooth VAE
     image: torch.Tensor            # [1, 3, H, W] 0..1, the image it was calibrated on
     logvar_raw: torch.Tensor       # [C, h, w] the raw log-variance it gives on that image
+
+    @property
+    def codec(self):
+        """The model as the engine's `Codec`."""
+        from ..codec import model_codec
+        return model_codec(self.model, "planted" if self.cell else "smooth")
 
 
 # ---------------------------------------------------------------- images
