@@ -21,7 +21,9 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from run_cli import ROOT
+
+REPO = ROOT  # the older name, kept for the suites that use it
 PACK_FOLDER = "ComfyUI-VAE-Fix"  # the folder name a user's git clone gets
 START_TIMEOUT_S = 240
 
@@ -64,18 +66,25 @@ class HostServer:
         return self.base / "temp"
 
     @property
+    def checkpoints_dir(self) -> Path:
+        return self.base / "models" / "checkpoints"
+
+    @property
     def pack_dir(self) -> Path:
         return self.base / "custom_nodes" / PACK_FOLDER
 
-    def _lay_out(self) -> None:
+    def lay_out(self) -> None:
+        """The base directory's folders, and the pack symlinked into custom_nodes/ as a user's clone."""
         for d in ("custom_nodes", "models/vae", "models/vae_approx", "models/checkpoints", "input", "output", "temp", "user"):
             (self.base / d).mkdir(parents=True, exist_ok=True)
         if not self.pack_dir.exists():
-            self.pack_dir.symlink_to(REPO, target_is_directory=True)
+            self.pack_dir.symlink_to(ROOT, target_is_directory=True)
+
+    _lay_out = lay_out  # the older name
 
     # ------------------------------------------------------------ life cycle
     def start(self, timeout: float = START_TIMEOUT_S) -> "HostServer":
-        self._lay_out()
+        self.lay_out()
         cmd = [self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                "--base-directory", str(self.base), "--database-url", "sqlite:///:memory:"]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -183,7 +192,6 @@ class HostServer:
         """The websocket messages (progress, executing, ...) the server sends to this client."""
         return EventStream(self.port, self.client_id)
 
-
 class EventStream:
     """A minimal websocket client (RFC 6455, text frames) collecting ComfyUI's JSON messages.
 
@@ -273,46 +281,9 @@ def status_messages(entry: dict) -> dict:
     return {name: data for name, data in entry.get("status", {}).get("messages", [])}
 
 
-# ---------------------------------------------------------------- models and images the tests use
-
-TINY_SD15_SCRIPT = r'''
-# Runs with ComfyUI's Python inside its checkout: an SD1.5-layout checkpoint (real key names and
-# shapes for UNet and CLIP-L, as ComfyUI's own classes define them) with a one-level UNet and random
-# weights, so the whole text-to-image graph runs on a CPU in seconds. It has no VAE inside.
-import sys
-out = sys.argv[1]
-sys.argv = [sys.argv[0], "--cpu"]
-import comfy.options
-comfy.options.enable_args_parsing()
-import torch
-import comfy.ops
-import comfy.sd1_clip
-from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
-from safetensors.torch import save_file
-unet = UNetModel(image_size=32, in_channels=4, model_channels=320, out_channels=4, num_res_blocks=[1],
-                 channel_mult=[1], num_heads=8, use_spatial_transformer=True, transformer_depth=[1],
-                 context_dim=768, transformer_depth_middle=1, transformer_depth_output=[1, 1],
-                 use_linear_in_transformer=False, operations=comfy.ops.manual_cast, device="cpu")
-clip = comfy.sd1_clip.SDClipModel(device="cpu", dtype=torch.float32)
-g = torch.Generator().manual_seed(0)
-sd = {}
-for prefix, model in (("model.diffusion_model.", unet), ("cond_stage_model.", clip)):
-    for k, v in model.state_dict().items():
-        if v.is_floating_point():
-            if v.dim() > 1:
-                v = torch.randn(v.shape, generator=g) / v[0].numel() ** 0.5
-            else:
-                v = torch.ones(v.shape) if k.endswith("weight") else torch.zeros(v.shape)
-            v = v.half()
-        sd[prefix + k] = v.contiguous()
-save_file(sd, out)
-'''
-
-
-
 # ---------------------------------------------------------------- helpers the host tests share
 
-WORKFLOWS = REPO / "workflows"          # UI format: what users drag in, served as templates
+WORKFLOWS = ROOT / "workflows"          # UI format: what users drag in, served as templates
 API_WORKFLOWS = WORKFLOWS / "api"       # API-format twins (a subfolder: the template glob skips it)
 
 
@@ -383,40 +354,10 @@ def images_of(server: "HostServer", outputs: dict, node_id: str) -> list:
 
     return [np.asarray(Image.open(io.BytesIO(server.view(item))).convert("RGB")) for item in outputs[node_id]["images"]]
 
-def build_tiny_sd15(server: HostServer, name: str = "tiny_sd15.safetensors") -> str:
-    """Write the tiny SD1.5-layout checkpoint into models/checkpoints (built by the host's Python)."""
-    path = server.base / "models" / "checkpoints" / name
-    if not path.exists():
-        env = dict(os.environ, PYTHONPATH=str(server.comfy_path))
-        done = subprocess.run([server.python, "-c", TINY_SD15_SCRIPT, str(path)], cwd=server.comfy_path,
-                              env=env, capture_output=True, text=True, timeout=600)
-        if done.returncode != 0:
-            raise HostError(f"could not build the tiny SD1.5 checkpoint:\n{done.stderr[-3000:]}")
-    return name
 
-
-def taesd_state_dicts(latent_channels: int = 4, seed: int = 0) -> tuple[dict, dict]:
-    """Encoder and decoder state dicts in TAESD's layout (madebyollin/taesd), random weights."""
-    import torch
-    from torch import nn
-
-    def conv(n_in, n_out, **kw):
-        return nn.Conv2d(n_in, n_out, 3, padding=1, **kw)
-
-    class Block(nn.Module):
-        def __init__(self, n_in, n_out):
-            super().__init__()
-            self.conv = nn.Sequential(conv(n_in, n_out), nn.ReLU(), conv(n_out, n_out), nn.ReLU(), conv(n_out, n_out))
-            self.skip = nn.Conv2d(n_in, n_out, 1, bias=False) if n_in != n_out else nn.Identity()
-
-    def blocks(n):
-        return [Block(64, 64) for _ in range(n)]
-
-    torch.manual_seed(seed)
-    encoder = nn.Sequential(conv(3, 64), Block(64, 64), conv(64, 64, stride=2, bias=False), *blocks(3),
-                            conv(64, 64, stride=2, bias=False), *blocks(3), conv(64, 64, stride=2, bias=False),
-                            *blocks(3), conv(64, latent_channels))
-    decoder = nn.Sequential(nn.Identity(), conv(latent_channels, 64), nn.ReLU(), *blocks(3), nn.Upsample(scale_factor=2),
-                            conv(64, 64, bias=False), *blocks(3), nn.Upsample(scale_factor=2), conv(64, 64, bias=False),
-                            *blocks(3), nn.Upsample(scale_factor=2), conv(64, 64, bias=False), *blocks(1), conv(64, 3))
-    return encoder.state_dict(), decoder.state_dict()
+def __getattr__(name: str):
+    """Builders that moved to host_models.py, still importable from here."""
+    if name in ("build_tiny_sd15", "taesd_state_dicts", "TINY_SD15_SCRIPT"):
+        import host_models
+        return getattr(host_models, name)
+    raise AttributeError(name)

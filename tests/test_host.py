@@ -10,101 +10,22 @@ from __future__ import annotations
 import io
 import json
 import os
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from host_server import (assert_registered_with_tooltips, API_WORKFLOWS, PACK_FOLDER, WORKFLOWS, HostServer, api_workflow, build_tiny_sd15, failed, id_of,
-                         images_of, interrupt_after_progress, node_of, status_messages, succeeded, taesd_state_dicts)
-from vae_files import reference_model, write_state_dict, write_vae
+from host_models import PLANTED_CELL, PLANTED16_CELL
+from host_server import (assert_registered_with_tooltips, API_WORKFLOWS, PACK_FOLDER, WORKFLOWS, HostServer, api_workflow, failed, id_of,
+                         images_of, interrupt_after_progress, node_of, status_messages, succeeded)
+from run_cli import ROOT
+from vae_files import reference_model
 
-from vae_fix.images import load_image, save_png
-from vae_fix.loader import save_vae
-from vae_fix.model import preset_config
-from vae_fix.builders.planted import planted_vae, smooth_vae
+from vae_fix.images import load_image
 
-COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
-REPO = Path(__file__).resolve().parents[1]
 NODE_IDS = ("VAEFixLoadVAE", "VAEFixInspectVAE", "VAEFixLogVarianceMap")
-PLANTED_CELL = (9, 21)     # 32x32 latent grid: 128 px images for the small layouts (4x), 256 px for full SD (8x)
-PLANTED16_CELL = (20, 6)   # 16-channel (SD3/Flux layout), same grid
 pytestmark = pytest.mark.host
-
-
-# ---------------------------------------------------------------- the server and its models
-
-def _build_models(server: HostServer) -> None:
-    vae_dir, inp = server.vae_dir, server.input_dir
-    write_vae(vae_dir, "sd", name="tiny_sd")
-    write_vae(vae_dir, "sd3", name="tiny_sd3_16ch", seed=3)
-    write_vae(vae_dir, "sd", layout="diffusers", container="folder", name="diffusers_sd", seed=1)
-    for name, cfg, cell in (("planted_sd", preset_config("sd", small=True), PLANTED_CELL),
-                            ("planted_16ch", preset_config("sd3", small=True), PLANTED16_CELL),
-                            ("full_sd", preset_config("sd"), PLANTED_CELL)):  # full: the published SD layout
-        planted = planted_vae(cfg, cell=cell)
-        save_vae(planted.model.half() if name == "full_sd" else planted.model, vae_dir / f"{name}.safetensors")
-        save_png(planted.image[0], inp / f"{name}.png")
-    smooth = smooth_vae(preset_config("sd", small=True))  # same construction, no hole: a negative control
-    save_vae(smooth.model, vae_dir / "smooth_sd.safetensors")
-    save_png(smooth.image[0], inp / "smooth_sd.png")
-    good = (vae_dir / "tiny_sd.safetensors").read_bytes()
-    (vae_dir / "truncated.safetensors").write_bytes(good[: len(good) // 2])
-    sd = _safetensors(vae_dir / "full_sd.safetensors")  # a layout core builds, so core runs it half-loaded
-    del sd["decoder.up.0.block.1.conv2.weight"], sd["encoder.mid.attn_1.q.bias"]
-    write_state_dict(sd, vae_dir / "missing_keys.safetensors", "safetensors")
-    enc, dec = taesd_state_dicts()
-    approx = server.base / "models" / "vae_approx"
-    write_state_dict(enc, approx / "taesd_encoder.safetensors", "safetensors")
-    write_state_dict(dec, approx / "taesd_decoder.safetensors", "safetensors")
-    ramp = np.linspace(0, 255, 128)
-    grad = np.stack([np.add.outer(ramp, ramp) / 2, np.tile(ramp, (128, 1)), np.tile(ramp[:, None], (1, 128))], -1)
-    Image.fromarray(grad.astype(np.uint8)).save(inp / "gradient.png")
-    Image.fromarray(grad[::2, ::2].astype(np.uint8)).save(inp / "gradient64.png")
-
-
-def _safetensors(path) -> dict:
-    from safetensors.torch import load_file
-    return load_file(str(path))
-
-
-@pytest.fixture(scope="session")
-def _server(tmp_path_factory):
-    server = HostServer(COMFYUI_PATH, tmp_path_factory.mktemp("comfyui_base"), os.environ.get("COMFYUI_PYTHON") or sys.executable)
-    server._lay_out()
-    _build_models(server)
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def tiny_sd15(host) -> str:
-    return build_tiny_sd15(host)  # built once per session: it is kept in the server's models/checkpoints
-
-
-@pytest.fixture
-def host(request) -> HostServer:
-    if not COMFYUI_PATH:
-        pytest.skip(f"COMFYUI_PATH not set: host test {request.node.name} skipped")
-    return request.getfixturevalue("_server")
-
-
-# ---------------------------------------------------------------- helpers
-
-
-
-
-
-
-
-
-
-
-
 
 
 TILES = {"tile_size": 64, "overlap": 16, "temporal_size": 64, "temporal_overlap": 8}  # 8-cell tiles, 3 passes
@@ -146,7 +67,7 @@ def test_pack_imported_without_errors(host):
 def test_help_pages_are_served_where_the_frontend_looks(host):
     for node_id in NODE_IDS:  # the frontend fetches /extensions/<pack folder>/docs/<node id>.md
         page = host.get(f"/extensions/{PACK_FOLDER}/docs/{node_id}.md").decode()
-        assert page == (REPO / "web" / "docs" / f"{node_id}.md").read_text()
+        assert page == (ROOT / "web" / "docs" / f"{node_id}.md").read_text()
 
 
 def test_example_workflows_are_templates(host):

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,91 +16,16 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from host_server import (assert_registered_with_tooltips, PACK_FOLDER, WORKFLOWS, HostServer, api_workflow, build_tiny_sd15, failed, id_of,
-                         images_of, interrupt_after_progress, status_messages, succeeded, taesd_state_dicts)
-from vae_files import write_state_dict, write_vae
+from host_models import CLEAN, IMAGE, SMUGGLER, SMUGGLER_CELL, WIDE
+from host_server import (assert_registered_with_tooltips, PACK_FOLDER, WORKFLOWS, HostServer, api_workflow, failed, id_of,
+                         images_of, interrupt_after_progress, status_messages, succeeded)
+from run_cli import ROOT
 
-from vae_fix.images import save_png
 from vae_fix.latent_preview import family_preview
-from vae_fix.loader import save_vae
-from vae_fix.model import VAEConfig, preset_config
-from vae_fix.builders.planted import planted_vae
 
-COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
-REPO = Path(__file__).resolve().parents[1]
 NODE_IDS = ("VAEFixLatentChannelEdit", "VAEFixLatentStatistics", "VAEFixLatentReachMap", "VAEFixLatentCellReach",
             "VAEFixLatentPreviewRGB", "VAEFixRepairLatent", "VAEFixCompareVAEs")
-SMUGGLER_CELL = (9, 21)  # 32x32 latent grid of a 128 px image (small SD layout: 4x)
 pytestmark = pytest.mark.host
-
-
-# ---------------------------------------------------------------- the server and its models
-
-def smuggler_vae(cfg: VAEConfig, cell: tuple[int, int], spike: float = 0.25):
-    """The planted VAE (log-variance hole at `cell`, vae_fix.builders.planted) whose encoder also writes a spike
-    into the latent *mean* at that cell, as SD's encoder does at its black holes. The spike comes
-    from the planted marker carrier (encoder channel group 0 after norm_out, ~sqrt(cells) at the
-    cell and ~0 elsewhere), read by conv_out's mean rows at the centre tap."""
-    planted = planted_vae(cfg, cell=cell)
-    encoder = planted.model.encoder
-    carriers = encoder.norm_out.num_channels // cfg.norm_groups
-    with torch.no_grad():
-        encoder.conv_out.weight[:cfg.z_channels, :carriers, 1, 1] = spike / carriers
-    return planted
-
-
-SMUGGLER = "smuggler_sd.safetensors"  # SD layout (small): log-variance hole and mean spike at SMUGGLER_CELL
-CLEAN = "clean_sdxl.safetensors"       # SDXL layout (small), seeded random weights: nothing planted
-WIDE = "tiny_sd3_16ch.safetensors"     # SD3 layout (small): 16 latent channels
-IMAGE = "smuggler.png"                 # the smuggler's calibration image, 128 px
-
-
-def build_models(server: HostServer) -> None:
-    vae_dir, inp = server.vae_dir, server.input_dir
-    smuggler = smuggler_vae(preset_config("sd", small=True), SMUGGLER_CELL)
-    save_vae(smuggler.model, vae_dir / SMUGGLER)
-    save_png(smuggler.image[0], inp / IMAGE)
-    write_vae(vae_dir, "sdxl", name=CLEAN.removesuffix(".safetensors"), seed=1)
-    write_vae(vae_dir, "sd3", name=WIDE.removesuffix(".safetensors"), seed=3)
-    enc, dec = taesd_state_dicts()
-    approx = server.base / "models" / "vae_approx"
-    write_state_dict(enc, approx / "taesd_encoder.safetensors", "safetensors")
-    write_state_dict(dec, approx / "taesd_decoder.safetensors", "safetensors")
-
-
-@pytest.fixture(scope="module")
-def _server(tmp_path_factory):
-    server = HostServer(COMFYUI_PATH, tmp_path_factory.mktemp("comfyui_latent_base"),
-                        os.environ.get("COMFYUI_PYTHON") or sys.executable)
-    server._lay_out()
-    build_models(server)
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def tiny_sd15(host) -> str:
-    return build_tiny_sd15(host)  # built once: kept in the server's models/checkpoints
-
-
-@pytest.fixture
-def host(request) -> HostServer:
-    if not COMFYUI_PATH:
-        pytest.skip(f"COMFYUI_PATH not set: host test {request.node.name} skipped")
-    return request.getfixturevalue("_server")
-
-
-# ---------------------------------------------------------------- helpers
-
-
-
-
-
-
-
-
-
 
 
 def text_of(outputs: dict, node_id: str) -> str:
@@ -191,7 +114,7 @@ def test_latent_nodes_are_registered_with_tooltips(host):
 def test_latent_help_pages_are_served(host):
     for node_id in NODE_IDS:
         page = host.get(f"/extensions/{PACK_FOLDER}/docs/{node_id}.md").decode()
-        assert page == (REPO / "web" / "docs" / f"{node_id}.md").read_text()
+        assert page == (ROOT / "web" / "docs" / f"{node_id}.md").read_text()
 
 
 def write_thumbnail(name: str, picture: np.ndarray, min_side: int = 256) -> None:
