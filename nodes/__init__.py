@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-NODE_MODULES = ["loader", "inspect", "latent_edit", "latent_stats", "influence", "preview", "repair", "compare"]
+NODE_MODULES = ["loader", "inspect", "latent_edit", "latent_stats", "reach", "preview", "repair", "compare"]
 
 
 def all_nodes() -> list:

@@ -16,7 +16,7 @@ import torch
 
 from .anomaly import find_anomalies
 from .errors import InputError
-from .influence import fast_reach_map, summarize_map
+from .reach import fast_reach_map, summarize_map
 from .posterior import prepare_images, read_posterior
 from .progress import ProgressFn, report
 from .repair import psnr, side_by_side, to_unit

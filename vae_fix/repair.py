@@ -25,7 +25,7 @@ import torch
 from .anomaly import DEFAULT_MEAN_THRESHOLD, DEFAULT_MIN_MEAN_DEV, MAD_TO_SIGMA, AnomalyReport
 from .edit import check_latent
 from .errors import InputError
-from .influence import exact_reach, fast_reach_map, near_box, neighbour_median, summarize_map
+from .reach import exact_reach, fast_reach_map, near_box, neighbour_median, summarize_map
 from .progress import ProgressFn, report
 from .jsonsafe import json_safe
 

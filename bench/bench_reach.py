@@ -5,7 +5,7 @@ timed on a subset of cells (the five spikes plus random cells) and extrapolated 
 fast map is timed in full. Both run on the same machine in the same process, alternating, so load
 from other processes hits both. Also prints whether the two agree on the order of the top cells.
 
-    python bench/bench_influence.py [--cells 16] [--repeats 2] [--device cpu]
+    python bench/bench_reach.py [--cells 16] [--repeats 2] [--device cpu]
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vae_fix.influence import exact_reach, fast_reach_map, reach_to_map, top_cells  # noqa: E402
+from vae_fix.reach import exact_reach, fast_reach_map, reach_to_map, top_cells  # noqa: E402
 from vae_fix.model import preset_config, random_vae  # noqa: E402
 
 SPIKES = [((6, 6), 48.0), ((25, 25), 30.0), ((6, 25), 19.0), ((25, 6), 12.0), ((16, 16), 8.0)]

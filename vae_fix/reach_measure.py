@@ -1,5 +1,5 @@
 """Reach of latent cells: how much of the decoded image *outside* a cell's own neighbourhood changes
-when that cell changes.
+when that cell changes: the two measures behind the features of `reach.py`.
 
 Perturbations (per cell, all channels at once):
   median  the cell becomes the per-channel median of its 8 neighbours (removes a spike),
@@ -26,8 +26,6 @@ exact measure is the reference and ranks cells the same way on the project's tes
 """
 from __future__ import annotations
 
-import re
-
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
@@ -36,7 +34,7 @@ import torch.nn.functional as F
 
 from .edit import check_latent
 from .errors import InputError
-from .progress import ProgressFn, report
+from .progress import ProgressFn, Steps
 
 DecodeFn = Callable[[torch.Tensor], torch.Tensor]
 MODES = ("median", "zero", "scale")
@@ -133,11 +131,9 @@ def _cell_reach(delta: torch.Tensor, y: int, x: int, window: int, downscale: int
     return CellReach(y, x, far_mean, near_mean, ratio, float(far_vals.max()), rms, region)
 
 
-def _all_cells(h: int, w: int) -> list[tuple[int, int]]:
-    return [(y, x) for y in range(h) for x in range(w)]
-
-
 def _check_cells(cells, h: int, w: int) -> list[tuple[int, int]]:
+    if cells is None:
+        return [(y, x) for y in range(h) for x in range(w)]
     out = []
     for cell in cells:
         try:
@@ -149,6 +145,43 @@ def _check_cells(cells, h: int, w: int) -> list[tuple[int, int]]:
                              f"y in 0..{h - 1} and x in 0..{w - 1}")
         out.append((y, x))
     return out
+
+
+def exact_inputs(z, cells, mode, factor, window, index, batch_size, delta):
+    """Checked (latent `[1, C, h, w]`, cells, per-cell change `[1, C, h, w]`) of the exact measure."""
+    check_mode(mode, factor)
+    z1 = _pick(z, index)
+    _check_window(window, *z1.shape[-2:])
+    cells = _check_cells(cells, *z1.shape[-2:])
+    if batch_size < 1:
+        raise InputError("batch_size", f"{batch_size}", "at least 1")
+    if delta is None:
+        delta = perturbation(z1, mode, factor)
+    elif tuple(delta.shape) != tuple(z1.shape):
+        raise InputError("delta", f"shape {list(delta.shape)}", f"one latent's shape {list(z1.shape)}")
+    return z1, cells, delta.to(device=z1.device, dtype=z1.dtype)
+
+
+def measure_cells(decode_fn: DecodeFn, z1, cells, delta, base, window, blocks, batch_size, progress):
+    """(reach per cell, base image `[1, 3, H, W]` -1..1, decoded image `[3, H, W]` of the cell that
+    changed the far field most): the decodes themselves, so pictures need no second decode."""
+    h, w = z1.shape[-2:]
+    base = (decode_fn(z1) if base is None else base).float()
+    downscale = base.shape[-2] // h
+    out, worst = [], (-1.0, None)
+    steps = Steps(progress, len(cells))
+    for start in range(0, len(cells), batch_size):
+        chunk = cells[start:start + batch_size]
+        batch = z1.repeat(len(chunk), 1, 1, 1)
+        for i, (y, x) in enumerate(chunk):
+            batch[i, :, y, x] += delta[0, :, y, x]
+        images = decode_fn(batch).float()
+        for i, (y, x) in enumerate(chunk):
+            out.append(_cell_reach((images[i] - base[0]) / 2, y, x, window, downscale, blocks, (h, w)))
+            if out[-1].mean_far > worst[0]:
+                worst = (out[-1].mean_far, images[i].clone())
+        steps.step(len(chunk))
+    return out, base, worst[1]
 
 
 @torch.no_grad()
@@ -163,34 +196,8 @@ def exact_reach(decode_fn: DecodeFn, z: torch.Tensor, cells=None, *, mode: str =
     `blocks` only sets the regions of `region_far` (as in `fast_reach_map`).
     Progress counts decoded cells; the callback may raise to cancel.
     """
-    check_mode(mode, factor)
-    z1 = _pick(z, index)
-    _, c, h, w = z1.shape
-    _check_window(window, h, w)
-    cells = _all_cells(h, w) if cells is None else _check_cells(cells, h, w)
-    if batch_size < 1:
-        raise InputError("batch_size", f"{batch_size}", "at least 1")
-    if delta is None:
-        delta = perturbation(z1, mode, factor)
-    elif tuple(delta.shape) != tuple(z1.shape):
-        raise InputError("delta", f"shape {list(delta.shape)}", f"one latent's shape {list(z1.shape)}")
-    delta = delta.to(device=z1.device, dtype=z1.dtype)
-    if base is None:
-        base = decode_fn(z1)
-    base = base.float()
-    downscale = base.shape[-2] // h
-    out: list[CellReach] = []
-    report(progress, 0, len(cells))
-    for start in range(0, len(cells), batch_size):
-        chunk = cells[start:start + batch_size]
-        batch = z1.repeat(len(chunk), 1, 1, 1)
-        for i, (y, x) in enumerate(chunk):
-            batch[i, :, y, x] += delta[0, :, y, x]
-        images = decode_fn(batch).float()
-        for i, (y, x) in enumerate(chunk):
-            out.append(_cell_reach((images[i] - base[0]) / 2, y, x, window, downscale, blocks, (h, w)))
-        report(progress, len(out), len(cells))
-    return out
+    z1, cells, delta = exact_inputs(z, cells, mode, factor, window, index, batch_size, delta)
+    return measure_cells(decode_fn, z1, cells, delta, base, window, blocks, batch_size, progress)[0]
 
 
 def reach_to_map(reach: list[CellReach], h: int, w: int, key: str = "mean_far") -> torch.Tensor:
@@ -252,8 +259,9 @@ def fast_reach_map(decode_fn: DecodeFn, z: torch.Tensor, *, mode: str = "median"
                    progress: Optional[ProgressFn] = None) -> FastReach:
     """First-order far-field change of every cell of latent `index` (see the module notes).
 
-    Runs with gradients even inside `torch.inference_mode()` (on a clone of the latent); the model's
-    parameters get no gradients. Progress counts backward passes; the callback may raise to cancel.
+    `decode_fn` must let gradients flow back to `z`. Runs with gradients even inside
+    `torch.inference_mode()` (on a clone of the latent); the model's parameters get no gradients.
+    Progress counts backward passes; the callback may raise to cancel.
     """
     check_mode(mode, factor)
     z1 = _pick(z, index)
@@ -262,14 +270,13 @@ def fast_reach_map(decode_fn: DecodeFn, z: torch.Tensor, *, mode: str = "median"
     _check_blocks(blocks, window, h, w)
     rows, cols = region_edges(h, blocks), region_edges(w, blocks)
     near_r, near_c = _touches(rows, h, window), _touches(cols, w, window)
-    total = len(rows) * len(cols)
     with torch.inference_mode(False), torch.enable_grad():
         z_in = z1.clone().requires_grad_(True)
         delta = perturbation(z_in, mode, factor)
         image = decode_fn(z_in)
         ds = image.shape[-2] // h
         energy, counted = torch.zeros(h, w), torch.zeros(h, w)
-        report(progress, 0, total)
+        steps = Steps(progress, len(rows) * len(cols))
         for i, (a, b) in enumerate(rows):
             for j, (cc, d) in enumerate(cols):
                 probe = torch.zeros_like(image)
@@ -280,9 +287,9 @@ def fast_reach_map(decode_fn: DecodeFn, z: torch.Tensor, *, mode: str = "median"
                 far = ~(near_r[i][:, None] & near_c[j][None, :])
                 energy += torch.where(far, change ** 2, 0.0)
                 counted += far.float()
-                report(progress, i * len(cols) + j + 1, total)
+                steps.step()
     reach = (energy / counted).sqrt().masked_fill(counted == 0, float("nan"))
-    return FastReach(reach, image.detach(), delta.detach(), window, ds, total)
+    return FastReach(reach, image.detach(), delta.detach(), window, ds, steps.total)
 
 
 # ---------------------------------------------------------------- summaries
@@ -306,20 +313,3 @@ def summarize_map(reach_map: torch.Tensor, n: int = 5) -> dict:
         "max_over_median": worst / median if median > 0 else None,
         "top_cells": [{"y": y, "x": x, "value": float(reach_map[y, x])} for y, x in top],
     }
-
-
-_CELL_PAIR = re.compile(r"\(?\s*(-?\d+)\s*,\s*(-?\d+)\s*\)?")
-CELLS_EXAMPLE = "'9,21' or '9,21; 3,4' (y,x latent cells, 0-based)"
-
-
-def parse_cells(text: str | None, name: str = "cells") -> list[tuple[int, int]]:
-    """'9,21; 3,4' (also '(9, 21) (3, 4)' or one pair per line) → [(9, 21), (3, 4)]; empty → []."""
-    text = (text or "").strip()
-    pairs = _CELL_PAIR.findall(text)
-    if _CELL_PAIR.sub("", text).strip(" \t\r\n;,"):
-        raise InputError(name, f"cannot read {text!r} as y,x pairs", CELLS_EXAMPLE)
-    return [(int(y), int(x)) for y, x in pairs]
-
-
-def format_cells(cells) -> str:
-    return "; ".join(f"{y},{x}" for y, x in cells)
