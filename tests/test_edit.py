@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from vae_fix.edit import OPS, edit_channels, edit_latent, mask_to_grid, parse_batch, parse_channels
+from vae_fix.edit import OPS, edit_channels, mask_to_grid, parse_batch, parse_channels
 from vae_fix.errors import InputError
 
 
@@ -34,7 +34,7 @@ def test_bad_channels_name_input_problem_expected(spec, needle):
 
 def test_channel_5_on_4_channel_latent_through_edit():
     with pytest.raises(InputError, match=r"channels.*channel 5 is out of range.*Expected indices 0-3"):
-        edit_channels(latent(), "zero", "5")
+        edit_channels(latent(), "zero", "5").latent
 
 
 @pytest.mark.parametrize("c", [4, 8, 16])
@@ -43,15 +43,15 @@ def test_each_op_on_any_channel_count(c):
     before = z.clone()
     last = c - 1
     results = {
-        "scale": edit_channels(z, "scale", str(last), factor=3.0),
-        "offset": edit_channels(z, "offset", "0", offset=-1.5),
-        "clamp": edit_channels(z, "clamp", "all", low=-1.0, high=1.0),
-        "soft_clamp": edit_channels(z, "soft_clamp", "all", limit=2.0),
-        "normalize": edit_channels(z, "normalize", f"1-{last}", mean=0.25, std=0.5),
-        "zero": edit_channels(z, "zero", "1"),
-        "invert": edit_channels(z, "invert", "0"),
-        "swap": edit_channels(z, "swap", "0", target=str(last)),
-        "copy": edit_channels(z, "copy", "1", target="0"),
+        "scale": edit_channels(z, "scale", str(last), factor=3.0).latent,
+        "offset": edit_channels(z, "offset", "0", offset=-1.5).latent,
+        "clamp": edit_channels(z, "clamp", "all", low=-1.0, high=1.0).latent,
+        "soft_clamp": edit_channels(z, "soft_clamp", "all", limit=2.0).latent,
+        "normalize": edit_channels(z, "normalize", f"1-{last}", mean=0.25, std=0.5).latent,
+        "zero": edit_channels(z, "zero", "1").latent,
+        "invert": edit_channels(z, "invert", "0").latent,
+        "swap": edit_channels(z, "swap", "0", target=str(last)).latent,
+        "copy": edit_channels(z, "copy", "1", target="0").latent,
     }
     assert set(results) == set(OPS)
     assert torch.equal(z, before), "input modified"
@@ -76,7 +76,7 @@ def test_each_op_on_any_channel_count(c):
 
 def test_batch_selection_leaves_other_items():
     z = latent(b=4)
-    out = edit_channels(z, "zero", "all", batch="0,2-3")
+    out = edit_channels(z, "zero", "all", batch="0,2-3").latent
     assert out[[0, 2, 3]].abs().max() == 0
     torch.testing.assert_close(out[1], z[1])
 
@@ -85,11 +85,11 @@ def test_mask_in_image_pixels_soft_blend():
     z = latent(b=1, h=4, w=4)
     mask = torch.zeros(32, 32)
     mask[:, :16] = 1.0            # left half of the image (8x downscale)
-    out = edit_channels(z, "offset", "all", offset=10.0, mask=mask)
+    out = edit_channels(z, "offset", "all", offset=10.0, mask=mask).latent
     torch.testing.assert_close(out[..., :2], z[..., :2] + 10)
     torch.testing.assert_close(out[..., 3:], z[..., 3:])
     half = torch.full((1, 4, 4), 0.5)  # latent-grid mask: half the edit everywhere
-    torch.testing.assert_close(edit_channels(z, "offset", "all", offset=2.0, mask=half), z + 1.0)
+    torch.testing.assert_close(edit_channels(z, "offset", "all", offset=2.0, mask=half).latent, z + 1.0)
 
 
 def test_mask_resizes_soft_and_per_item():
@@ -109,28 +109,48 @@ def test_mask_resizes_soft_and_per_item():
 def test_bad_arguments(kwargs, needle):
     kwargs = {"channels": "0", **kwargs}
     with pytest.raises(InputError, match=needle):
-        edit_channels(latent(), kwargs.pop("op"), **kwargs)
+        edit_channels(latent(), kwargs.pop("op"), **kwargs).latent
 
 
-def test_edit_latent_keeps_other_keys_and_does_not_modify_input():
+def test_edit_does_not_modify_its_input_and_reports_the_touched_channels():
     z = latent(b=2)
-    noise_mask = torch.ones(2, 1, 48, 64)
-    lat = {"samples": z, "noise_mask": noise_mask, "batch_index": [3, 4], "type": "sd1"}
     snapshot = z.clone()
-    out = edit_latent(lat, "scale", channels="0", factor=0.5)
-    assert out is not lat and set(out) == set(lat)
-    assert out["noise_mask"] is noise_mask and out["batch_index"] == [3, 4] and out["type"] == "sd1"
-    assert torch.equal(lat["samples"], snapshot) and lat["samples"] is z
-    torch.testing.assert_close(out["samples"][:, 0], z[:, 0] * 0.5)
+    result = edit_channels(z, "scale", "0", factor=0.5)
+    assert torch.equal(z, snapshot) and result.latent is not z
+    torch.testing.assert_close(result.latent[:, 0], z[:, 0] * 0.5)
+    torch.testing.assert_close(result.latent[:, 1:], z[:, 1:])
+    row = result.to_json()["channels"][0]
+    assert row["channel"] == 0 and row["mean_after"] == pytest.approx(row["mean_before"] * 0.5, rel=1e-5)
+    assert row["values_changed"] == z[:, 0].numel() and len(result.to_json()["channels"]) == 1
+    assert "ch 0" in result.summary()
 
 
-def test_edit_latent_rejects_non_latent():
-    with pytest.raises(InputError, match="LATENT dict"):
-        edit_latent({"image": torch.zeros(1)}, "zero")
+def test_edit_rejects_non_latent():
+    with pytest.raises(InputError, match="latent"):
+        edit_channels(torch.zeros(1), "zero").latent
 
 
 def test_half_precision_kept():
     z = latent().half()
-    out = edit_channels(z, "scale", "all", factor=2.0)
+    out = edit_channels(z, "scale", "all", factor=2.0).latent
     assert out.dtype == torch.float16
     torch.testing.assert_close(out, z * 2)
+
+
+def test_cli_edit_writes_the_edited_latent_and_leaves_other_channels(tmp_path):
+    from run_cli import run_cli, strict_json
+    from vae_fix.latent_io import read_latent, write_latent
+
+    z = latent(b=2)
+    path = write_latent(z, tmp_path / "z.latent")
+    r = run_cli("edit", "--latent", path, "--operation", "offset", "--channels", "1-2", "--offset", "-1.5",
+                "--batch", "1", "--out", tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    edited = read_latent(tmp_path / "out" / "edited.latent")
+    torch.testing.assert_close(edited[1, 1:3], z[1, 1:3] - 1.5)
+    torch.testing.assert_close(edited[0], z[0])
+    torch.testing.assert_close(edited[1, [0, 3]], z[1, [0, 3]])
+    info = strict_json(tmp_path / "out" / "info.json")
+    assert [c["channel"] for c in info["channels"]] == [1, 2] and info["batch_items"] == [1]
+    bad = run_cli("edit", "--latent", path, "--operation", "zero", "--channels", "9", "--out", tmp_path / "bad")
+    assert bad.returncode == 2 and "channels" in bad.stderr and not (tmp_path / "bad").exists()

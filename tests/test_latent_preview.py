@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from vae_fix.errors import InputError
 from vae_fix.families import FAMILIES
-from vae_fix.latent_preview import family_preview, fit_linear, fit_preview, pooled_target, preview_for
+from vae_fix.latent_preview import family_preview, fit_linear, fit_preview, latent_preview, pooled_target
 from vae_fix.model import preset_config, random_vae
 
 
@@ -59,16 +59,16 @@ def test_fit_on_a_real_12_channel_decoder_reports_its_quality():
     assert all(0 < r < 1 for r in prev.r2) and prev.weight.shape == (12, 3)
 
 
-def test_preview_for_chooses_and_checks():
+def test_latent_preview_chooses_and_checks():
     z4, z16, z8 = torch.zeros(1, 4, 4, 4), torch.zeros(1, 16, 4, 4), torch.randn(1, 8, 4, 4)
-    assert preview_for(z4, "sdxl").source == "sdxl"
-    assert preview_for(z16, "flux").source == "flux"
+    assert latent_preview(z4, "sdxl").map.source == "sdxl"
+    assert latent_preview(z16, "flux").map.source == "flux"
     with pytest.raises(InputError, match=r"sd3 latents have 16 channels, this one has 4.*sd1, sdxl"):
-        preview_for(z4, "sd3")
+        latent_preview(z4, "sd3")
     with pytest.raises(InputError, match="'auto' cannot choose for 4 channels"):
-        preview_for(z4, "auto")
-    with pytest.raises(InputError, match="no family and no decoder"):
-        preview_for(z8)
+        latent_preview(z4, "auto")
+    with pytest.raises(InputError, match="Invalid vae: a fitted preview map needs a VAE"):
+        latent_preview(z8, "fit")
     with pytest.raises(InputError, match="8 channels for a sd1 preview of 4"):
         family_preview("sd1").rgb(z8)
 

@@ -1,6 +1,4 @@
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,14 +12,15 @@ from vae_fix.latent_io import read_latent, write_latent
 
 from vae_fix.errors import InputError
 from vae_fix.families import FAMILIES, families_with_channels, get_family
-from vae_fix.stats import histogram_image, latent_stats
+from run_cli import run_cli
+from vae_fix.stats import channel_stats, histogram_image
 
 
 def test_stats_match_numpy_and_imply_scale():
     g = torch.Generator().manual_seed(1)
     # channel c has mean c and std 1/0.18215 → SD1-like scale
     z = torch.randn(3, 4, 16, 16, generator=g) / 0.18215 + torch.arange(4.0).view(1, 4, 1, 1)
-    s = latent_stats(z)
+    s = channel_stats(z)
     json.dumps(s)  # JSON-safe
     assert s["shape"] == [3, 4, 16, 16] and s["values_per_channel"] == 3 * 256
     for ch in s["channels"]:
@@ -43,7 +42,7 @@ def test_stats_count_nonfinite_and_skip_them():
     z = torch.zeros(1, 2, 4, 4)
     z[0, 1, 0, 0] = float("nan")
     z[0, 1, 0, 1] = float("inf")
-    s = latent_stats(z)
+    s = channel_stats(z)
     assert s["channels"][1]["nonfinite"] == 2 and s["overall"]["nonfinite"] == 2
     assert s["channels"][1]["max"] == 0.0 and s["channels"][1]["implied_scale"] is None
     json.dumps(s)
@@ -51,7 +50,7 @@ def test_stats_count_nonfinite_and_skip_them():
 
 def test_stats_reject_bad_latent():
     with pytest.raises(InputError, match="latent"):
-        latent_stats(torch.zeros(4, 8, 8))
+        channel_stats(torch.zeros(4, 8, 8))
 
 
 @pytest.mark.parametrize("c", [4, 12])
@@ -81,25 +80,31 @@ def test_families_data():
 
 # ---------------------------------------------------------------- CLI
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
 def test_cli_stats_on_a_latent_file(tmp_path, capsys):
     z = torch.randn(2, 4, 16, 12, generator=torch.Generator().manual_seed(0)) / 0.18215
     path = write_latent(z, tmp_path / "z.latent")
     torch.testing.assert_close(read_latent(path), z)
     out = tmp_path / "out"
-    assert main(["stats", "--latent", str(path), "--out", str(out), "--family", "sd1"]) == 0
+    assert main(["stats", "--latent", str(path), "--out", str(out)]) == 0
     data = json.loads((out / "stats.json").read_text())
     assert data["shape"] == [2, 4, 16, 12]
     assert data["overall"]["implied_scale"] == pytest.approx(0.18215, rel=0.1)
-    assert data["preview"]["source"] == "sd1"
-    with Image.open(out / "preview_1.png") as im:
-        assert im.size == (12 * 8, 16 * 8)
     with Image.open(out / "histogram.png") as im:
         assert im.size == (4 * 300, 170)
     printed = capsys.readouterr().out
     assert "implied scale 1/std" in printed and "SD1.x" in printed
+    assert (out / "summary.txt").read_text().strip() in printed
+
+
+def test_cli_preview_uses_the_family_factors(tmp_path):
+    z = torch.randn(2, 4, 16, 12, generator=torch.Generator().manual_seed(0)) / 0.18215
+    path = write_latent(z, tmp_path / "z.latent")
+    out = tmp_path / "prev"
+    assert main(["preview", "--latent", str(path), "--out", str(out), "--family", "sd1"]) == 0
+    data = json.loads((out / "info.json").read_text())
+    assert data["source"] == "sd1"
+    with Image.open(out / "preview_1.png") as im:
+        assert im.size == (12 * 8, 16 * 8)
 
 
 def test_cli_stats_reads_comfyui_latent_files(tmp_path):
@@ -110,22 +115,24 @@ def test_cli_stats_reads_comfyui_latent_files(tmp_path):
     assert read_latent(tmp_path / "plain.safetensors").shape == (1, 4, 8, 8)
 
 
-def test_cli_stats_auto_family_skips_ambiguous_preview(tmp_path, capsys):
+def test_cli_preview_auto_refuses_an_ambiguous_family_without_a_vae(tmp_path, capsys):
     path = write_latent(torch.randn(1, 4, 8, 8), tmp_path / "z.latent")
-    assert main(["stats", "--latent", str(path), "--out", str(tmp_path / "o")]) == 0
-    assert "preview skipped" in capsys.readouterr().out
+    assert main(["preview", "--latent", str(path), "--out", str(tmp_path / "o")]) == 2
+    assert "Invalid --family: 'auto' cannot choose for 4 channels" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
     path16 = write_latent(torch.randn(1, 16, 8, 8), tmp_path / "z16.latent")
-    assert main(["stats", "--latent", str(path16), "--out", str(tmp_path / "o16"), "--family", "flux"]) == 0
+    assert main(["preview", "--latent", str(path16), "--out", str(tmp_path / "o16"), "--family", "flux"]) == 0
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["--family", "sd3"], "Invalid --family: sd3 latents have 16 channels"),
-    (["--bins", "1"], "Invalid --bins"),
+    (["preview", "--family", "sd3"], "Invalid --family: sd3 latents have 16 channels"),
+    (["stats", "--bins", "1"], "Invalid --bins"),
 ])
-def test_cli_stats_bad_input_exits_2(tmp_path, capsys, args, needle):
+def test_cli_bad_input_exits_2(tmp_path, capsys, args, needle):
     path = write_latent(torch.randn(1, 4, 8, 8), tmp_path / "z.latent")
-    assert main(["stats", "--latent", str(path), "--out", str(tmp_path / "o"), *args]) == 2
+    assert main([args[0], "--latent", str(path), "--out", str(tmp_path / "o"), *args[1:]]) == 2
     assert needle in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_cli_stats_bad_sources_exit_2(tmp_path, capsys):
@@ -141,9 +148,8 @@ def test_cli_stats_bad_sources_exit_2(tmp_path, capsys):
 
 
 def test_cli_stats_help():
-    r = subprocess.run([sys.executable, "-m", "vae_fix", "stats", "--help"], cwd=ROOT, capture_output=True,
-                       text=True, timeout=120)
-    assert r.returncode == 0 and "--family" in r.stdout
+    r = run_cli("stats", "--help")
+    assert r.returncode == 0 and "--bins" in r.stdout and "--json" in r.stdout
 
 
 def test_latent_files_with_nan_are_refused_by_name_except_by_stats(tmp_path):

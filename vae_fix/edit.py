@@ -9,12 +9,13 @@ empty = every item). Ranges are inclusive.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from .errors import InputError
+from .result import Result
 
 OPS = ("scale", "offset", "clamp", "soft_clamp", "normalize", "zero", "invert", "swap", "copy")
 _ALL = ("all", "*")
@@ -154,10 +155,45 @@ def _check_params(op: str, factor, offset, low, high, limit, mean, std) -> None:
         raise InputError("std", f"{std} is negative", "a target std >= 0")
 
 
+@dataclass
+class EditResult(Result):
+    """The edited latent `[B, C, h, w]` (input dtype) and how each touched channel moved."""
+    latent: torch.Tensor
+    operation: str
+    latent_shape: list[int]
+    batch_items: list[int]
+    masked: bool
+    channels: list[dict]              # per touched channel: mean/std before and after, values changed
+
+    json_name = "info"
+
+    def to_json(self) -> dict:
+        return {"operation": self.operation, "latent_shape": self.latent_shape, "batch_items": self.batch_items,
+                "masked": self.masked, "channels": self.channels}
+
+    def summary(self) -> str:
+        where = " inside the mask" if self.masked else ""
+        lines = [f"{self.operation} on latent {self.latent_shape} (B, C, h, w), batch items {self.batch_items}{where}"]
+        lines += [f"ch {r['channel']}: mean {r['mean_before']:.4g} -> {r['mean_after']:.4g}, std {r['std_before']:.4g} "
+                  f"-> {r['std_after']:.4g}, {r['values_changed']} values changed" for r in self.channels]
+        return "\n".join(lines)
+
+
+def _channel_rows(z: torch.Tensor, edited: torch.Tensor, channels: list[int], items: list[int]) -> list[dict]:
+    """Mean/std before and after over the chosen batch items, per touched channel."""
+    rows = []
+    for ch in channels:
+        before, after = z[items, ch].float(), edited[items, ch].float()
+        rows.append({"channel": ch, "mean_before": float(before.mean()), "std_before": float(before.std(unbiased=False)),
+                     "mean_after": float(after.mean()), "std_after": float(after.std(unbiased=False)),
+                     "values_changed": int((before != after).sum())})
+    return rows
+
+
 def edit_channels(z: torch.Tensor, op: str, channels="all", *, factor: float = 1.0, offset: float = 0.0,
                   low: float | None = None, high: float | None = None, limit: float = 3.0,
-                  mean: float = 0.0, std: float = 1.0, target=None, mask=None, batch="all") -> torch.Tensor:
-    """Apply one channel operation to `z [B, C, h, w]`; returns a new tensor of the same dtype.
+                  mean: float = 0.0, std: float = 1.0, target=None, mask=None, batch="all") -> EditResult:
+    """Apply one channel operation to `z [B, C, h, w]`; the result holds a new tensor of the same dtype.
 
     op: scale (× factor), offset (+ offset), clamp (to low..high), soft_clamp (limit·tanh(x/limit)),
     normalize (to mean/std per item and channel, statistics taken under the mask), zero, invert
@@ -173,18 +209,11 @@ def edit_channels(z: torch.Tensor, op: str, channels="all", *, factor: float = 1
     chosen[items] = 1.0
     weight = weight * chosen
     params = dict(factor=factor, offset=offset, low=low, high=high, limit=limit, mean=mean, std=std)
+    touched = ch
     if op in ("swap", "copy"):
         params["target"] = _target_channels(target, c, ch, op)
+        touched = ch + [t for t in params["target"] if t not in ch]
     zf = z.detach().float()
     edited = _edited(op, zf, ch, weight, params)
-    blended = torch.where(weight > 0, torch.lerp(zf, edited, weight), zf)  # no NaN from 0·inf outside
-    return blended.to(z.dtype)
-
-
-def edit_latent(latent: Mapping, op: str, **kwargs) -> dict:
-    """ComfyUI LATENT dict → a new dict with edited `samples`; every other key is kept as is."""
-    if not isinstance(latent, Mapping) or not isinstance(latent.get("samples"), torch.Tensor):
-        raise InputError("latent", "no 'samples' tensor", "a LATENT dict with 'samples' [B, C, h, w]")
-    out = dict(latent)
-    out["samples"] = edit_channels(latent["samples"], op, **kwargs)
-    return out
+    blended = torch.where(weight > 0, torch.lerp(zf, edited, weight), zf).to(z.dtype)  # no NaN from 0·inf outside
+    return EditResult(blended, op, list(z.shape), items, mask is not None, _channel_rows(z, blended, touched, items))

@@ -81,10 +81,6 @@ ALIASES = {"sd": "sd1", "sd15": "sd1", "sd1.5": "sd1", "sd2": "sd1", "sd1x": "sd
            "xl": "sdxl", "sd35": "sd3", "sd3.5": "sd3", "flux1": "flux", "flux.1": "flux"}
 
 
-def family_names() -> list[str]:
-    return list(FAMILIES)
-
-
 def get_family(name: str, input_name: str = "family") -> LatentFamily:
     """Look a family up by name or alias (case-insensitive)."""
     key = str(name).strip().lower()

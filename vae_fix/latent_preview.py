@@ -14,9 +14,11 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from .codec import Codec
 from .edit import check_latent
 from .errors import InputError
 from .families import LatentFamily, families_with_channels, get_family
+from .result import Result
 
 
 @dataclass(frozen=True)
@@ -98,26 +100,53 @@ def fit_preview(z: torch.Tensor, decode_fn: Callable[[torch.Tensor], torch.Tenso
     return fit_linear(one, pooled_target(decoded, *one.shape[-2:]))
 
 
-def preview_for(z: torch.Tensor, family: Optional[str] = None,
-                decode_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> LinearPreview:
-    """The map to use: `family` when given ("auto": the only known family with this channel count),
-    else a fit from `decode_fn`."""
-    check_latent(z)
-    c = z.shape[1]
+@dataclass
+class PreviewResult(Result):
+    map: LinearPreview
+    images: torch.Tensor             # [B, 3, h*scale, w*scale] 0..1, one per latent
+
+    json_name = "info"
+
+    def to_json(self) -> dict:
+        return self.map.to_dict()
+
+    def summary(self) -> str:
+        m = self.map
+        how = (f"fitted from one decode, R² per colour {', '.join(f'{r:.3f}' for r in m.r2)}" if m.source == "fit"
+               else f"the published {m.source} factors")
+        return f"RGB preview of {len(self.images)} latent(s) with {m.channels} channels: {how}"
+
+    def pictures(self) -> dict:
+        return {"preview": list(self.images)}
+
+
+def choose_family(channels: int, family: str, can_fit: bool, input_name: str = "family") -> Optional[LatentFamily]:
+    """The family whose published map to use, or None for a fit. "auto": the only known family with
+    this channel count, else a fit when `can_fit`; "fit": always a fit."""
+    if family == "fit":
+        return None
+    matches = families_with_channels(channels)
     if family == "auto":
-        matches = families_with_channels(c)
-        family = matches[0].name if len(matches) == 1 else None
-        if family is None and decode_fn is None:
-            names = ", ".join(f.name for f in matches) or "none"
-            raise InputError("family", f"'auto' cannot choose for {c} channels (known: {names})",
-                             "a family name, or a decoder to fit a map")
-    if family:
-        fam = get_family(family)
-        if fam.channels != c:
-            names = ", ".join(f.name for f in families_with_channels(c)) or "no known family"
-            raise InputError("family", f"{fam.name} latents have {fam.channels} channels, this one has {c}",
-                             f"a family with {c} channels ({names}) or a decoder to fit a map")
-        return family_preview(fam)
-    if decode_fn is None:
-        raise InputError("family", "no family and no decoder given", "a family name or a decoder to fit a map")
-    return fit_preview(z, decode_fn)
+        if len(matches) == 1 or can_fit:
+            return matches[0] if len(matches) == 1 else None
+        names = ", ".join(f.name for f in matches) or "none"
+        raise InputError(input_name, f"'auto' cannot choose for {channels} channels (known: {names})",
+                         "a family name, or a VAE to fit a map")
+    fam = get_family(family, input_name)
+    if fam.channels != channels:
+        names = ", ".join(f.name for f in matches) or "no known family"
+        raise InputError(input_name, f"{fam.name} latents have {fam.channels} channels, this one has {channels}",
+                         f"a family with {channels} channels ({names}) or a VAE to fit a map")
+    return fam
+
+
+def latent_preview(z: torch.Tensor, family: str = "auto", codec: Optional[Codec] = None, scale: int = 8, *,
+                   family_input: str = "family", vae_input: str = "vae") -> PreviewResult:
+    """RGB previews of `z [B, C, h, w]`: a family's published map (`family`: a name, "auto" or "fit"),
+    or a map fitted from one decode of the first latent by `codec`."""
+    check_latent(z)
+    fam = choose_family(z.shape[1], family, codec is not None, family_input)
+    if fam is None and codec is None:
+        raise InputError(vae_input, "a fitted preview map needs a VAE to decode with", "a VAE, or a family name")
+    linear = family_preview(fam) if fam is not None else fit_preview(z, codec.need_decoder())
+    return PreviewResult(linear, linear.image(z, scale))

@@ -1,18 +1,22 @@
 """Per-channel statistics of raw latents `[B, C, h, w]`, the scale/shift they imply, histograms.
 
 The sampler's scale factor is 1/std of a family's latents and its shift their mean (SD1.x: 0.18215,
-no shift). `latent_stats` reports what the given latents imply, next to the known families' values
-and how the latents look in each family's model space (ideally mean 0, std 1).
+no shift). `latent_statistics` reports what the given latents imply, next to the known families'
+values and how the latents look in each family's model space (ideally mean 0, std 1).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .edit import check_latent
 from . import viz
+from .edit import check_latent
+from .errors import InputError
 from .families import FAMILIES
+from .result import Result
 
 PERCENTILES = (1, 5, 50, 95, 99)
 
@@ -46,14 +50,61 @@ def _family_view(values: np.ndarray, channels: int, overall: dict) -> list[dict]
     return rows
 
 
-def latent_stats(z: torch.Tensor, percentiles=PERCENTILES) -> dict:
+@dataclass
+class StatsResult(Result):
+    stats: dict                      # see `channel_stats`
+    histogram: torch.Tensor          # [3, H, W] 0..1, one panel per channel
+
+    json_name = "stats"
+
+    def to_json(self) -> dict:
+        return self.stats
+
+    def summary(self) -> str:
+        """A few readable lines: each channel, the implied scale, then the families with this channel count."""
+        s = self.stats
+        lines = [f"latent {s['shape']} (B, C, h, w), {s['values_per_channel']} values per channel"]
+        for row in s["channels"]:
+            if row["mean"] is None:
+                lines.append(f"ch {row['channel']}: no finite values")
+                continue
+            bad = f", {row['nonfinite']} non-finite" if row["nonfinite"] else ""
+            lines.append(f"ch {row['channel']}: mean {row['mean']:.4g}  std {row['std']:.4g}  "
+                         f"min {row['min']:.4g}  max {row['max']:.4g}{bad}")
+        overall = s["overall"]
+        lines.append(f"implied scale 1/std = {overall['implied_scale']:.5g}, implied shift (mean) = "
+                     f"{overall['implied_shift']:.4g}" if overall["implied_scale"] else "implied scale: undefined (no spread)")
+        for fam in s["families"]:
+            if fam["channels_match"] and "scale_ratio" in fam:
+                lines.append(f"{fam['label']}: scale {fam['scale']:g}, shift {fam['shift']:g} -> model-space mean "
+                             f"{fam['model_space_mean']:.3g}, std {fam['model_space_std']:.3g} (ideal 0 and 1)")
+        return "\n".join(lines)
+
+    def pictures(self) -> dict:
+        return {"histogram": self.histogram}
+
+
+def latent_statistics(z: torch.Tensor, *, bins: int = 64, clip_percentile: float = 0.5, columns: int = 4,
+                      bins_input: str = "bins") -> StatsResult:
+    """Statistics of `z [B, C, h, w]` over the whole batch and a histogram picture (see `histogram_image`)."""
+    if bins < 2:
+        raise InputError(bins_input, f"{bins}", "at least 2")
+    return StatsResult(channel_stats(z), histogram_image(z, bins, clip_percentile, columns))
+
+
+def _per_channel(z: torch.Tensor) -> np.ndarray:
+    """`[B, C, h, w]` → float64 `[C, B*h*w]` on the CPU."""
+    check_latent(z)
+    return z.detach().double().cpu().permute(1, 0, 2, 3).reshape(z.shape[1], -1).numpy()
+
+
+def channel_stats(z: torch.Tensor, percentiles=PERCENTILES) -> dict:
     """JSON-safe statistics over the whole batch: per channel and over all channels.
 
     Non-finite values are counted (`nonfinite`) and left out of every statistic.
     """
-    check_latent(z)
+    per_channel = _per_channel(z)
     b, c, h, w = z.shape
-    per_channel = z.detach().double().cpu().permute(1, 0, 2, 3).reshape(c, -1).numpy()
     finite = np.isfinite(per_channel)
     channels = []
     for i in range(c):
@@ -111,9 +162,8 @@ def histogram_image(z: torch.Tensor, bins: int = 64, clip_percentile: float = 0.
     range over all channels, so rare spikes do not squash the rest; values outside are piled into
     the end bins and counted in the title). Orange line: the channel mean. Returns `[3, H, W]` 0..1.
     """
-    check_latent(z)
+    per_channel = _per_channel(z)
     c = z.shape[1]
-    per_channel = z.detach().double().cpu().permute(1, 0, 2, 3).reshape(c, -1).numpy()
     finite_all = per_channel[np.isfinite(per_channel)]
     if finite_all.size:
         lo, hi = (float(v) for v in np.percentile(finite_all, [clip_percentile, 100 - clip_percentile]))

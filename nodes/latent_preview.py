@@ -1,17 +1,14 @@
 """Latent Preview (RGB): a latent shown as colours without decoding, for any family or VAE."""
 from __future__ import annotations
 
-import json
-
 from comfy_api.latest import io, ui
 
-from ..vae_fix import latent_preview
-from ..vae_fix.errors import InputError
 from ..vae_fix.families import FAMILIES
+from ..vae_fix.latent_preview import latent_preview
 from . import host, wire
 
-FIT = "fit from the VAE"
-FAMILY_CHOICES = {"auto": "auto", **{f.label: f.name for f in FAMILIES.values()}, FIT: None}
+# combo label -> the engine's family argument
+FAMILY_CHOICES = {"auto": "auto", **{f.label: f.name for f in FAMILIES.values()}, "fit from the VAE": "fit"}
 
 
 class LatentPreviewRGB(io.ComfyNode):
@@ -48,14 +45,10 @@ class LatentPreviewRGB(io.ComfyNode):
 
     @classmethod
     def execute(cls, latent, family, scale, vae=None) -> io.NodeOutput:
-        z = wire.latent_samples(latent)
-        name = FAMILY_CHOICES.get(family, family)
-        decode = host.decode_fn(vae) if vae is not None else None
-        if name is None and decode is None:
-            raise InputError("vae", f"'{FIT}' needs a VAE", "a VAE connected to 'vae', or a family")
-        preview = latent_preview.preview_for(z, name, decode)
-        picture = wire.engine_to_image(preview.image(z, scale))
-        return io.NodeOutput(picture, json.dumps(preview.to_dict(), indent=2), ui=ui.PreviewImage(picture, cls=cls))
+        codec = host.codec(vae) if vae is not None else None
+        result = latent_preview(wire.latent_samples(latent), FAMILY_CHOICES.get(family, family), codec, scale)
+        picture = wire.engine_to_image(result.images)
+        return io.NodeOutput(picture, result.json_text(), ui=ui.PreviewImage(picture, cls=cls))
 
 
 NODES = [LatentPreviewRGB]

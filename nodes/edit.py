@@ -3,13 +3,9 @@ through a mask and on chosen batch items. The input LATENT is never modified; ev
 (noise_mask, batch_index, type, ...) is kept."""
 from __future__ import annotations
 
-import json
-
-import torch
 from comfy_api.latest import io
 
 from ..vae_fix import edit
-from ..vae_fix.jsonsafe import json_safe
 from . import wire
 
 OPERATIONS = {
@@ -80,29 +76,10 @@ class LatentChannelEdit(io.ComfyNode):
     @classmethod
     def execute(cls, latent, operation, channels, factor, offset, low, high, limit, mean, std, target, batch,
                 mask=None) -> io.NodeOutput:
-        z = wire.latent_samples(latent)
-        op = OPERATIONS.get(operation, operation)
-        edited = edit.edit_channels(z, op, channels, factor=factor, offset=offset, low=low, high=high, limit=limit,
-                                    mean=mean, std=std, target=target, mask=mask, batch=batch)
-        info = _info(z, edited, op, channels, target, batch, mask)
-        return io.NodeOutput(wire.with_samples(latent, edited), json.dumps(json_safe(info), indent=2))
-
-
-def _info(z: torch.Tensor, edited: torch.Tensor, op: str, channels, target, batch, mask) -> dict:
-    """What the edit touched (selections as the engine read them) and how the channels moved."""
-    b, c = z.shape[:2]
-    chosen = edit.parse_channels(channels, c)
-    if op in ("swap", "copy"):
-        chosen = chosen + [t for t in edit.parse_channels(target, c, "target") if t not in chosen]
-    items = edit.parse_batch(batch, b)
-    rows = []
-    for ch in chosen:
-        before, after = z[items, ch].float(), edited[items, ch].float()
-        rows.append({"channel": ch, "mean_before": float(before.mean()), "std_before": float(before.std(unbiased=False)),
-                     "mean_after": float(after.mean()), "std_after": float(after.std(unbiased=False)),
-                     "values_changed": int((before != after).sum())})
-    return {"operation": op, "latent_shape": list(z.shape), "batch_items": items, "masked": mask is not None,
-            "channels": rows}
+        result = edit.edit_channels(wire.latent_samples(latent), OPERATIONS.get(operation, operation), channels,
+                                    factor=factor, offset=offset, low=low, high=high, limit=limit, mean=mean, std=std,
+                                    target=target, mask=mask, batch=batch)
+        return io.NodeOutput(wire.with_samples(latent, result.latent), result.json_text())
 
 
 NODES = [LatentChannelEdit]

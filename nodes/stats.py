@@ -2,33 +2,10 @@
 families' values, and a histogram picture per channel."""
 from __future__ import annotations
 
-import json
-
 from comfy_api.latest import io, ui
 
 from ..vae_fix import stats
-from ..vae_fix.jsonsafe import json_safe
 from . import wire
-
-
-def summary_text(s: dict) -> str:
-    """A few readable lines from `stats.latent_stats` output: each channel, then the family fit."""
-    lines = [f"latent {s['shape']} (B, C, h, w), {s['values_per_channel']} values per channel"]
-    for row in s["channels"]:
-        if row["mean"] is None:
-            lines.append(f"ch {row['channel']}: no finite values")
-            continue
-        bad = f", {row['nonfinite']} non-finite" if row["nonfinite"] else ""
-        lines.append(f"ch {row['channel']}: mean {row['mean']:.4g}  std {row['std']:.4g}  "
-                     f"min {row['min']:.4g}  max {row['max']:.4g}{bad}")
-    overall = s["overall"]
-    if overall["implied_scale"]:
-        lines.append(f"implied scale 1/std = {overall['implied_scale']:.5g}, implied shift (mean) = {overall['implied_shift']:.4g}")
-    for fam in s["families"]:
-        if fam["channels_match"] and "scale_ratio" in fam:
-            lines.append(f"{fam['label']}: scale {fam['scale']:g}, shift {fam['shift']:g} -> model-space mean "
-                         f"{fam['model_space_mean']:.3g}, std {fam['model_space_std']:.3g} (ideal 0 and 1)")
-    return "\n".join(lines)
 
 
 class LatentStatistics(io.ComfyNode):
@@ -63,11 +40,10 @@ class LatentStatistics(io.ComfyNode):
 
     @classmethod
     def execute(cls, latent, bins, clip_percentile, columns) -> io.NodeOutput:
-        z = wire.latent_samples(latent)
-        numbers = stats.latent_stats(z)
-        picture = wire.engine_to_image(stats.histogram_image(z, bins, clip_percentile, columns))
-        return io.NodeOutput(json.dumps(json_safe(numbers), indent=2), summary_text(numbers), picture,
-                             ui=ui.PreviewImage(picture, cls=cls))
+        result = stats.latent_statistics(wire.latent_samples(latent), bins=bins, clip_percentile=clip_percentile,
+                                         columns=columns)
+        picture = wire.engine_to_image(result.histogram)
+        return io.NodeOutput(result.json_text(), result.summary(), picture, ui=ui.PreviewImage(picture, cls=cls))
 
 
 NODES = [LatentStatistics]

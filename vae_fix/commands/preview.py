@@ -1,0 +1,28 @@
+"""`python -m vae_fix preview`: latents shown as RGB without decoding (the Latent Preview (RGB) node)."""
+from __future__ import annotations
+
+from ._common import add_output_arguments, add_vae_arguments, finish, latent_and_image, load_codec
+
+NAME = "preview"
+HELP = ("Latents as RGB pictures without decoding: one linear colour map per latent cell, the published "
+        "factors of SD1.x/SDXL/SD3/Flux or a map fitted from one decode with --vae.")
+
+
+def add_arguments(p) -> None:
+    add_vae_arguments(p, required=False)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--image", metavar="PATH", help="image to encode (the latent is the posterior mean)")
+    source.add_argument("--latent", metavar="FILE", help="latent file (ComfyUI .latent or safetensors)")
+    p.add_argument("--family", default="auto",
+                   help="whose colour factors: sd1, sdxl, sd3, flux, fit (always fit a map with --vae) or auto "
+                        "(default: the only family with this channel count, else a fit with --vae)")
+    p.add_argument("--scale", type=int, default=8, help="pixels per latent cell (default 8)")
+    add_output_arguments(p, "info.json, summary.txt and one preview PNG per latent")
+
+
+def run(args) -> int:
+    from ..latent_preview import latent_preview
+
+    codec = load_codec(args)
+    z, _ = latent_and_image(args, codec)
+    return finish(latent_preview(z, args.family, codec, args.scale, family_input="--family", vae_input="--vae"), args)
