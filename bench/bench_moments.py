@@ -4,7 +4,7 @@
 
 Full SD layout (random weights), one 512x512 image, CPU. Times, interleaved to share any drift:
 `model.encode(x * 2 - 1)` (what ComfyUI's VAE Encode computes: the posterior mean) and
-`read_posterior(model.moments, x)` followed by `find_anomalies` (input checks, moments, clamp, std,
+`read_posterior(codec, x)` followed by `find_anomalies` (input checks, moments, clamp, std,
 KL per cell and in total, robust outlier search). Prints the medians and their ratio; the target is
 at most 1.05. Exit status 1 when over. Because whole-encode timings drift with machine load, it also
 times everything except the encoder (read_posterior on precomputed moments + find_anomalies), which
@@ -16,6 +16,7 @@ import argparse
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vae_fix.anomaly import find_anomalies  # noqa: E402
+from vae_fix.codec import model_codec  # noqa: E402
 from vae_fix.model import preset_config, random_vae  # noqa: E402
 from vae_fix.posterior import read_posterior  # noqa: E402
 
@@ -43,6 +45,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     runs = max(5, args.runs)
     model = random_vae(preset_config("sd", small=args.small))
+    codec = model_codec(model)
     image = torch.rand(1, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
 
     def encode():
@@ -50,14 +53,14 @@ def main(argv=None) -> int:
             return model.encode(image * 2 - 1)
 
     def read():
-        post = read_posterior(model.moments, image)
+        post = read_posterior(codec, image)
         return find_anomalies(post)
 
     with torch.no_grad():
         cached = model.moments(image * 2 - 1)
 
     def overhead():  # everything but the encoder itself: checks, copies, statistics, anomaly search
-        return find_anomalies(read_posterior(lambda x: cached, image, downscale=model.config.downscale))
+        return find_anomalies(read_posterior(replace(codec, moments=lambda x: cached), image))
 
     encode(), read()  # warm-up: allocator, kernels
     t_over = [timed(overhead) for _ in range(max(runs, 20))]

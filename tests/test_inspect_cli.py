@@ -1,6 +1,4 @@
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +16,8 @@ from vae_fix.builders.planted import planted_vae
 from vae_fix.codec import model_codec
 from vae_fix.posterior import read_posterior
 
-ROOT = Path(__file__).resolve().parents[1]
+from run_cli import run_cli, strict_json
+
 CELL = (9, 21)
 
 
@@ -32,17 +31,6 @@ def files(tmp_path_factory):
     rgba = np.random.default_rng(0).integers(0, 256, (37, 50, 4), dtype=np.uint8)
     Image.fromarray(rgba, "RGBA").save(d / "odd.png")
     return {"vae": vae, "demo": demo, "odd": d / "odd.png", "dir": d}
-
-
-def run_cli(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "-m", "vae_fix", *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=300)
-
-
-def strict_json(path):
-    def refuse(name):
-        raise ValueError(f"non-JSON constant {name}")
-    return json.loads(Path(path).read_text(), parse_constant=refuse)
 
 
 def test_inspect_finds_the_planted_hole_and_writes_report_and_pictures(files, tmp_path, capsys):
@@ -145,11 +133,29 @@ def test_bad_input_exits_2_with_one_paragraph_and_no_traceback(files, tmp_path, 
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
-def test_out_that_is_a_file_is_refused(files, tmp_path, capsys):
+def test_out_that_is_a_file_is_refused(files, tmp_path):
     target = tmp_path / "taken"
     target.write_text("x")
-    assert main(["inspect", "--vae", str(files["vae"]), "--image", str(files["demo"]), "--out", str(target)]) == 2
-    assert "existing file" in capsys.readouterr().err
+    proc = run_cli("inspect", "--vae", files["vae"], "--image", files["demo"], "--out", target)
+    assert proc.returncode == 2 and "existing file" in proc.stderr and target.read_text() == "x"
+
+
+def test_kl_per_cell_is_the_formula_on_the_saved_moments(files, tmp_path):
+    """KL per cell = 0.5 * sum_c (mu^2 + exp(lv) - 1 - lv), lv the raw log-variance clamped to -30..20."""
+    out, moments = tmp_path / "out", tmp_path / "moments.safetensors"
+    assert main(["inspect", "--vae", str(files["vae"]), "--image", str(files["demo"]), "--out", str(out),
+                 "--save-moments", str(moments)]) == 0
+    saved = load_file(moments)
+    mu, lv = saved["mean"][0].double(), saved["logvar"][0].double().clamp(-30, 20)
+    kl = 0.5 * (mu ** 2 + lv.exp() - 1 - lv).sum(dim=0)  # [h, w]
+    entry = strict_json(out / "report.json")["images"][0]
+    cell = entry["kl_per_cell"]
+    assert cell["min"] == pytest.approx(float(kl.min()), rel=1e-4)
+    assert cell["max"] == pytest.approx(float(kl.max()), rel=1e-4)
+    assert cell["mean"] == pytest.approx(float(kl.mean()), rel=1e-4)
+    assert cell["median"] == pytest.approx(float(kl.flatten().median()), rel=1e-4)
+    assert cell["max_at"] == list(divmod(int(kl.flatten().argmax()), kl.shape[1])) == list(CELL)  # the hole
+    assert entry["kl_total"] == pytest.approx(float(kl.sum()), rel=1e-4)
 
 
 def test_help_works():

@@ -7,8 +7,8 @@ normal data). A cell is anomalous ("logvar_low") when `z >= threshold` AND it li
 `min_drop` nats below the median. Only the centre and spread of the image's own map are used, so it
 works the same whether the typical value is -20 or -5 (only the clamp floor at -30 is absolute).
 
-Defaults, against the published SD-VAE numbers (docs/black-hole.md: typical -17..-23, max about
--13, holes "-30 on the dot", i.e. raw below the -30 clamp):
+Defaults, against the numbers published for the SD VAE (typical log-variance -17..-23, max about
+-13, holes "-30 on the dot" on the clamped map, i.e. raw below the -30 clamp):
 - `threshold = 5`: -17..-23 is median -20 ± 3; read as the central ~87 % (±1.5 sigma) that is sigma
   about 2 nats (MAD about 1.35). A hole at -30 or below is then >= 10 / 2 = 5 robust sigmas out,
   deeper raw values more. For normal data, 5 sigma is passed by 3 cells in 10 million, so a 64x64

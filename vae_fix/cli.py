@@ -9,7 +9,7 @@ import sys
 from . import commands
 from .errors import VAEFixError
 
-ORDER = ["demo", "inspect", "convert", "reach_map", "cell_reach", "stats", "compare", "repair"]
+ORDER = ["demo", "inspect", "logvar_map", "convert", "reach_map", "cell_reach", "stats", "edit", "preview", "compare", "repair"]
 
 
 class _Parser(argparse.ArgumentParser):

@@ -1,4 +1,4 @@
-"""report.json (schema 1) and its readable summary, shared by the CLI and the ComfyUI nodes.
+"""report.json (schema 1) of Inspect VAE and its readable summary (the node and the CLI give the same).
 
 Layout:
     {"schema": 1, "tool": "vae_fix", "version", "vae": {"path", "layout", "latent_channels", ...},
@@ -8,14 +8,12 @@ Layout:
                  "mean": {...}, "kl_total", "kl_per_cell": {...}, "anomaly_count",
                  "anomalies": [{"y", "x", "kind", "score", "logvar_raw_min", "clamp_floor_hit", ...}],
                  "groups", "clamp_floor": {"cells", "elements", "list"}, "baseline", "thresholds",
-                 "notes", "files"}]}
+                 "notes", "files"}],
+     "moments_files": [...] (CLI --save-moments only), "files": {...} (CLI: every file it wrote)}
 Numbers are plain floats; NaN and infinities become null, so any JSON reader accepts the file.
 """
 from __future__ import annotations
 
-import json
-import math
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -81,13 +79,6 @@ def build_report(vae_info: dict, images: list[dict], settings: Optional[dict] = 
                       "settings": dict(settings or {}), "summary": summary, "images": list(images)})
 
 
-def write_report(report: dict, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n")
-    return path
-
-
 def _count(n: int, word: str) -> str:
     return f"{n} {word}{'s' * (n != 1)}"
 
@@ -140,34 +131,3 @@ def summary_text(report: dict) -> str:
     lines.append(f"{_count(s['images'], 'image')}, {s['images_with_anomalies']} with anomalies "
                  f"({_count(s['anomalies'], 'cell')}), {_count(s['clamp_floor_cells'], 'clamp-floor cell')}")
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------- pictures
-
-def report_pictures(image: torch.Tensor, posterior: Posterior, index: int, anomalies: AnomalyReport,
-                    cmap: str = "magma", percentiles=(1.0, 99.0)) -> dict[str, torch.Tensor]:
-    """The pictures of one image's report, each `[3, H, W]` 0..1:
-    `logvar_grid` (every channel, shared range, colour bar), `logvar_c{k}` (one per channel, same
-    range), `overlay` (per-cell minimum over channels on the image, anomalies boxed) and `kl`.
-    `image` is the image as encoded (`posterior.prepare_images` output, `[3, H, W]`)."""
-    from . import viz  # pictures only; the JSON part of this module does not need Pillow
-
-    lv = posterior.logvar_raw[index]
-    vmin, vmax = viz.value_range(lv, percentiles=percentiles)
-    h, w = posterior.latent_size
-    scale = viz.zoom_for(h, w, 192)
-    label = "raw log-variance (nats)"
-    pics = {"logvar_grid": viz.channel_grid(lv, cmap, vmin, vmax, scale=viz.zoom_for(h, w), label=label)}
-    for c in range(lv.shape[0]):
-        tile = viz.caption(viz.heatmap(lv[c], cmap, vmin, vmax, scale), f"channel {c}")
-        pics[f"logvar_c{c}"] = viz.with_colorbar(tile, cmap, vmin, vmax, label)
-    lv_min = lv.amin(dim=0)
-    lo, hi = viz.value_range(lv_min, percentiles=percentiles)
-    cell = posterior.size.downscale
-    zoom = max(1, min(8, round(384 / max(image.shape[1:]))))
-    ov = viz.overlay(image, lv_min, 0.6, cmap, anomalies.marks(), cell, lo, hi, zoom=zoom)
-    pics["overlay"] = viz.with_colorbar(ov, cmap, lo, hi, "min raw log-variance (nats)")
-    kl = posterior.kl[index]
-    k_lo, k_hi = viz.value_range(kl, percentiles=percentiles)
-    pics["kl"] = viz.with_colorbar(viz.heatmap(kl, "inferno", k_lo, k_hi, scale), "inferno", k_lo, k_hi, "KL per cell (nats)")
-    return pics

@@ -1,0 +1,186 @@
+"""Inspect VAE: read a VAE's raw posterior on images, find the anomalous latent cells (the SD
+"black hole") and report them: report.json (schema 1), a summary and pictures per image.
+
+One call for the node and the CLI: `inspect_vae(codec, images, ...) -> InspectResult`.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from . import report, viz
+from .anomaly import DEFAULT_MEAN_THRESHOLD, DEFAULT_MIN_DROP, DEFAULT_THRESHOLD, AnomalyReport, find_anomalies
+from .codec import Codec
+from .errors import InputError
+from .posterior import Posterior, prepare_images, read_posterior
+from .progress import ProgressFn, Steps
+from .result import Picture, Result
+
+# heatmap colour ranges: percentiles of the values drawn
+RANGES = {"percentile": (1.0, 99.0), "minmax": (0.0, 100.0)}
+
+
+@dataclass
+class InspectResult(Result):
+    """Per image (in order): its name (a path, or None in memory), the image as encoded
+    `[3, H, W]`, its posterior (batch of one) and its anomalies."""
+    json_name = "report"
+
+    vae: dict
+    settings: dict
+    names: list
+    encoded: list
+    posteriors: list
+    found: list
+    files_dir: Optional[Path] = None   # where the CLI writes the pictures: the report then names them
+    moments_files: list = field(default_factory=list)
+    _drawn: dict = field(default_factory=dict, repr=False)
+
+    def to_json(self) -> dict:
+        entries = [{**report.image_entry(name, post, 0, found, self._files(i)), "index": i}
+                   for i, (name, post, found) in enumerate(zip(self.names, self.posteriors, self.found))]
+        data = report.build_report(self.vae, entries, self.settings)
+        if self.moments_files:
+            data["moments_files"] = list(self.moments_files)
+        return data
+
+    def summary(self) -> str:
+        return report.summary_text(self.to_json())
+
+    def pictures(self) -> dict[str, Picture]:
+        """`<image prefix>_<picture>` for every picture of every image (the CLI's file names)."""
+        return {f"{prefix}_{name}": pic for i, prefix in enumerate(self._prefixes())
+                for name, pic in self.drawn(i).items()}
+
+    def each(self, name: str) -> list[Picture]:
+        """One picture (`overlay`, `logvar_grid`, `kl`, `logvar_c0`...) of every image, in order."""
+        return [self.drawn(i)[name] for i in range(len(self.posteriors))]
+
+    def drawn(self, i: int) -> dict[str, Picture]:
+        if i not in self._drawn:
+            self._drawn[i] = image_pictures(self.encoded[i], self.posteriors[i], self.found[i],
+                                            self.settings["cmap"], RANGES[self.settings["value_range"]])
+        return self._drawn[i]
+
+    def files_in(self, out_dir, moments=None) -> dict:
+        """Name the files the CLI writes in `out_dir` (and the raw posterior at `moments`, when
+        given) so the report lists them; returns the moments writers for `write_result`."""
+        self.files_dir = Path(out_dir)
+        if moments is None:
+            return {}
+        writers = moments_writers(self.posteriors, self.names, moments)
+        self.moments_files = [str(p) for p in writers]
+        # absolute names: write_result writes them where they are, not into out_dir
+        return {str(p.absolute()): w for p, w in writers.items()}
+
+    def _prefixes(self) -> list[str]:
+        """File-name prefixes per image: its stem, numbered when two images share one."""
+        stems = [Path(n).stem if n is not None else f"image_{i}" for i, n in enumerate(self.names)]
+        return [s if stems.count(s) == 1 else f"{i + 1:02d}_{s}" for i, s in enumerate(stems)]
+
+    def _files(self, i: int) -> dict:
+        if self.files_dir is None:
+            return {}
+        prefix = self._prefixes()[i]
+        return {name: str(self.files_dir / f"{prefix}_{name}.png") for name in self.drawn(i)}
+
+
+def inspect_vae(codec: Codec, images, *, names: Optional[Sequence] = None, threshold: float = DEFAULT_THRESHOLD,
+                min_drop: float = DEFAULT_MIN_DROP, mean_threshold: float = DEFAULT_MEAN_THRESHOLD,
+                size_policy: str = "crop", cmap: str = "magma", value_range: str = "percentile",
+                tile: Optional[int] = None, progress: Optional[ProgressFn] = None) -> InspectResult:
+    """Inspect every image: `images` is a list of `[1, 3, H, W]` (sizes may differ) or one
+    `[B, 3, H, W]` batch, 0..1. Each image is encoded on its own (one progress step each, which
+    may cancel). `names` (paths) name the images in the report and the CLI's file names."""
+    batch = _one_by_one(images)
+    names = [None if n is None else str(n) for n in names] if names is not None else [None] * len(batch)
+    _check_options(cmap, value_range, len(names), len(batch))
+    steps = Steps(progress, len(batch))
+    encoded, posteriors, found = [], [], []
+    for x in batch:
+        post = read_posterior(codec, x, size_policy=size_policy, tile=tile, progress=steps.sub(1))
+        found.append(find_anomalies(post, 0, threshold=threshold, min_drop=min_drop, mean_threshold=mean_threshold))
+        encoded.append(prepare_images(x, codec.downscale, size_policy)[0][0])
+        posteriors.append(post)
+        steps.step()
+    settings = {"size_policy": size_policy, "cmap": cmap, "value_range": value_range, "tile": tile,
+                "device": str(codec.device), "dtype": str(codec.dtype).replace("torch.", ""),
+                "threshold": threshold, "min_drop": min_drop, "mean_threshold": mean_threshold}
+    return InspectResult(dict(codec.info), settings, names, encoded, posteriors, found)
+
+
+def _one_by_one(images) -> list[torch.Tensor]:
+    """A `[B, 3, H, W]` batch or a list of `[1, 3, H, W]` → a list of `[1, 3, H, W]` (views, no copy)."""
+    batch = list(images.split(1)) if isinstance(images, torch.Tensor) and images.dim() == 4 else list(images)
+    if not batch:
+        raise InputError("images", "there are none", "at least one image")
+    return batch
+
+
+def _check_options(cmap: str, value_range: str, n_names: int, n_images: int) -> None:
+    if cmap not in viz.CMAPS:
+        raise InputError("cmap", f"{cmap!r}", f"one of {', '.join(viz.CMAPS)}")
+    if value_range not in RANGES:
+        raise InputError("value_range", f"{value_range!r}", f"one of {', '.join(RANGES)}")
+    if n_names != n_images:
+        raise InputError("names", f"{n_names} names for {n_images} images", "one name per image")
+
+
+def image_pictures(image: torch.Tensor, post: Posterior, found: AnomalyReport, cmap: str = "magma",
+                   percentiles=(1.0, 99.0)) -> dict[str, Picture]:
+    """The pictures of one image's report (posterior of batch one), each `[3, H, W]` 0..1:
+    `logvar_grid` (every channel, shared range, colour bar), `logvar_c{k}` (one per channel, same
+    range), `overlay` (per-cell minimum over channels on the image as encoded `[3, H, W]`,
+    anomalies boxed) and `kl`."""
+    lv = post.logvar_raw[0]                      # [C, h, w]
+    vmin, vmax = viz.value_range(lv, percentiles=percentiles)
+    h, w = post.latent_size
+    scale = viz.zoom_for(h, w, 192)
+    label = "raw log-variance (nats)"
+    pics = {"logvar_grid": viz.channel_grid(lv, cmap, vmin, vmax, scale=viz.zoom_for(h, w), label=label)}
+    for c in range(lv.shape[0]):
+        tile = viz.caption(viz.heatmap(lv[c], cmap, vmin, vmax, scale), f"channel {c}")
+        pics[f"logvar_c{c}"] = viz.with_colorbar(tile, cmap, vmin, vmax, label)
+    lv_min = lv.amin(dim=0)                      # [h, w]
+    lo, hi = viz.value_range(lv_min, percentiles=percentiles)
+    zoom = min(8, viz.zoom_for(*image.shape[1:], 384))
+    ov = viz.overlay(image, lv_min, 0.6, cmap, found.marks(), post.size.downscale, lo, hi, zoom=zoom)
+    pics["overlay"] = viz.with_colorbar(ov, cmap, lo, hi, "min raw log-variance (nats)")
+    kl = post.kl[0]                              # [h, w]
+    k_lo, k_hi = viz.value_range(kl, percentiles=percentiles)
+    pics["kl"] = viz.with_colorbar(viz.heatmap(kl, "inferno", k_lo, k_hi, scale), "inferno", k_lo, k_hi, "KL per cell (nats)")
+    return pics
+
+
+# ---------------------------------------------------------------- the raw posterior as safetensors
+
+def moments_targets(posteriors: list[Posterior], target) -> list[Path]:
+    """One file when every latent has the same size, otherwise one per image (`name-1.safetensors`, ...)."""
+    target = Path(target)
+    if len({(p.latent_channels, *p.latent_size) for p in posteriors}) == 1:
+        return [target]
+    return [target.with_name(f"{target.stem}-{i + 1}{target.suffix}") for i in range(len(posteriors))]
+
+
+def moments_writers(posteriors: list[Posterior], names: list, target) -> dict:
+    """{path: writer(path)} writing raw `mean` and `logvar` `[B, C, h, w]` float32 (see `moments_targets`)."""
+    paths = moments_targets(posteriors, target)
+    groups = [(posteriors, names)] if len(paths) == 1 else [([p], [n]) for p, n in zip(posteriors, names)]
+    return {path: _writer(posts, group_names) for path, (posts, group_names) in zip(paths, groups)}
+
+
+def _writer(posts: list[Posterior], names: list):
+    def write(where) -> None:
+        from safetensors.torch import save_file
+
+        Path(where).parent.mkdir(parents=True, exist_ok=True)
+        meta = {"images": json.dumps([str(n) for n in names]),
+                "size_handling": json.dumps([p.size.to_dict() for p in posts]),
+                "logvar": "raw (unclamped) log-variance; the reference clamps to [-30, 20]"}
+        save_file({"mean": torch.cat([p.mean for p in posts]).contiguous().cpu(),
+                   "logvar": torch.cat([p.logvar_raw for p in posts]).contiguous().cpu()}, str(where), meta)
+    return write
