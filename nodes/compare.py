@@ -1,34 +1,10 @@
 """Compare VAEs: two VAEs on the same images, side by side (anomalies, KL, reach, reconstruction)."""
 from __future__ import annotations
 
-import json
-
 from comfy_api.latest import io, ui
 
 from ..vae_fix import compare, posterior, viz
 from . import host, wire
-
-
-def side(vae, name: str) -> compare.VAESide:
-    """The host VAE as the engine's callables; refuses VAEs without a posterior or an image decoder."""
-    return compare.VAESide(name, host.moments_fn(vae), host.decode_fn(vae, differentiable=True),
-                           host.downscale(vae))
-
-
-def summary_text(rep: dict) -> str:
-    """One line per VAE from the report's summary."""
-    lines = []
-    for vae in rep["vaes"]:
-        s = rep["summary"][vae["name"]]
-        parts = [f"{vae['name']}: {vae['latent_channels']} channels, {s['anomalies']} anomalous cells"]
-        if s["kl_total_mean"] is not None:
-            parts.append(f"KL {s['kl_total_mean']:.4g} nats per image")
-        if s["psnr_db_mean"] is not None:
-            parts.append(f"reconstruction {s['psnr_db_mean']:.2f} dB")
-        if s["worst_reach_over_median_max"] is not None:
-            parts.append(f"worst reach {s['worst_reach_over_median_max']:.3g}x the median")
-        lines.append(", ".join(parts))
-    return "\n".join(lines)
 
 
 class CompareVAEs(io.ComfyNode):
@@ -75,12 +51,14 @@ class CompareVAEs(io.ComfyNode):
 
     @classmethod
     def execute(cls, vae_a, vae_b, image, name_a, name_b, window, reach, size_policy, colormap) -> io.NodeOutput:
-        images = wire.image_to_engine(image)
-        result = compare.compare_vaes(side(vae_a, name_a), side(vae_b, name_b), images, window=window, reach=reach,
+        codecs = (host.codec(vae_a, name_a, "vae_a"), host.codec(vae_b, name_b, "vae_b"))
+        for codec in codecs:  # both reconstructions are outputs: refuse a VAE that cannot decode, by name
+            codec.need_decoder()
+        result = compare.compare_vaes(*codecs, wire.image_to_engine(image), window=window, reach=reach,
                                       size_policy=size_policy, cmap=colormap, progress=host.progress_fn())
-        picture = wire.engine_to_image(result.picture)
-        recon_a, recon_b = (wire.engine_to_image(r) for r in result.reconstructions)
-        return io.NodeOutput(picture, json.dumps(result.report, indent=2), summary_text(result.report), recon_a, recon_b,
+        picture = wire.images_to_batch(result.rows)
+        recon_a, recon_b = (wire.images_to_batch(r) for r in result.reconstructions)
+        return io.NodeOutput(picture, result.json_text(), result.summary(), recon_a, recon_b,
                              ui=ui.PreviewImage(picture, cls=cls))
 
 

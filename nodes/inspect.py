@@ -62,12 +62,4 @@ class InspectVAE(io.ComfyNode):
                              result.summary(), ui=ui.PreviewImage(overlay, cls=cls))
 
 
-def read_posterior(vae, image, size_policy: str):
-    """Thin alias kept only while nodes/repair.py still imports it (to be removed with that import)."""
-    x = wire.image_to_engine(image)
-    post = posterior.read_posterior(host.codec(vae), x, size_policy=size_policy, batch_size=1,
-                                    progress=host.progress_fn())
-    return post, x
-
-
 NODES = [InspectVAE]

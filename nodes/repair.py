@@ -1,38 +1,16 @@
 """Repair Latent: neutralise anomalous latent cells before decoding, with a before/after report."""
 from __future__ import annotations
 
-import json
-
 from comfy_api.latest import io, ui
 
 from ..vae_fix import anomaly, repair
-from ..vae_fix.errors import InputError
 from . import host, wire
-from .inspect import read_posterior
 
 SOURCES = {
     "auto": "auto",
     "posterior anomalies (needs image)": "posterior",
     "latent outliers": "latent",
 }
-
-
-def flagged_cells(vae, z, image, source: str, posterior_threshold: float, latent_threshold: float):
-    """(mask `[B, h, w]`, scores or None, source used): which cells of `z [B, C, h, w]` to repair."""
-    if source == "auto":
-        source = "posterior" if image is not None else "latent"
-    if source == "latent":
-        mask, scores = repair.latent_outliers(z, threshold=latent_threshold)
-        return mask, scores, source
-    if image is None:
-        raise InputError("image", "'posterior anomalies' needs the image the latent was encoded from",
-                         "the image connected to 'image', or source 'latent outliers'")
-    post, _ = read_posterior(vae, image, "crop")  # crop: as core's VAE Encode does
-    if tuple(post.mean.shape) != tuple(z.shape):
-        raise InputError("image", f"it encodes to a latent of shape {list(post.mean.shape)}, the latent is {list(z.shape)}",
-                         "the image the latent was made from with this VAE (VAE Encode of it)")
-    found = [anomaly.find_anomalies(post, i, threshold=posterior_threshold) for i in range(post.batch)]
-    return repair.anomaly_mask(found, *z.shape[:1], *z.shape[-2:]), None, source
 
 
 class RepairLatent(io.ComfyNode):
@@ -84,14 +62,14 @@ class RepairLatent(io.ComfyNode):
     def execute(cls, vae, latent, source, posterior_threshold, latent_threshold, window, measure_cells, fast_map,
                 image=None) -> io.NodeOutput:
         z = wire.latent_samples(latent)
-        decode = host.decode_fn(vae, differentiable=fast_map)  # refuses what cannot decode images
-        mask, scores, used = flagged_cells(vae, z, image, SOURCES.get(source, source), posterior_threshold,
-                                           latent_threshold)
-        result = repair.repair_latent(decode, z, mask, scores=scores, window=window, measure_cells=measure_cells,
-                                      fast_map=fast_map, source=used, progress=host.progress_fn())
-        pictures = wire.images_to_batch([repair.repair_picture(result, i) for i in range(z.shape[0])])
+        image = wire.image_to_engine(image) if image is not None else None
+        result = repair.repair(host.codec(vae), z, source=SOURCES.get(source, source), image=image,
+                               posterior_threshold=posterior_threshold, latent_threshold=latent_threshold,
+                               window=window, measure_cells=measure_cells, fast_map=fast_map,
+                               progress=host.progress_fn())
+        pictures = wire.images_to_batch(list(result.pictures().values()))
         out = wire.with_samples(latent, result.latent.to(z.device))
-        return io.NodeOutput(out, pictures, json.dumps(result.report, indent=2), ui=ui.PreviewImage(pictures, cls=cls))
+        return io.NodeOutput(out, pictures, result.json_text(), ui=ui.PreviewImage(pictures, cls=cls))
 
 
 NODES = [RepairLatent]

@@ -1,7 +1,4 @@
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +8,9 @@ from vae_fix.cli import main
 from vae_fix.images import save_png
 from vae_fix.loader import save_vae
 
-from vae_fix.compare import VAESide, compare_vaes
+from run_cli import run_cli
+from vae_fix.codec import model_codec
+from vae_fix.compare import compare_vaes
 from vae_fix.errors import InputError
 from vae_fix.model import preset_config
 from vae_fix.builders.planted import planted_vae, smooth_vae
@@ -27,7 +26,7 @@ def pair():
 
 
 def side(name, planted):
-    return VAESide(name, planted.model.moments, planted.model.decode)
+    return model_codec(planted.model, name)
 
 
 def test_compare_a_holed_and_a_smooth_vae(pair):
@@ -52,9 +51,10 @@ def test_compare_a_holed_and_a_smooth_vae(pair):
     assert first["b_minus_a"]["anomaly_count"] == -holed_entry["anomaly_count"]
     assert first["b_minus_a"]["kl_total"] == pytest.approx(smooth_entry["kl_total"] - holed_entry["kl_total"])
     assert rep["summary"]["holed"]["anomalies"] >= 1 and rep["summary"]["smooth"]["anomalies"] == 0
-    pic = result.picture
+    pic = result.rows[0]
+    assert len(result.rows) == 2
     assert pic.shape[0] == 3 and pic.shape[2] > 5 * images.shape[-1] and pic.shape[1] > 2 * images.shape[-2]
-    assert [r.shape for r in result.reconstructions] == [images.shape, images.shape]
+    assert [[r.shape for r in recon] for recon in result.reconstructions] == [[images.shape[1:]] * 2] * 2
 
 
 def test_same_vae_twice_has_zero_difference(pair):
@@ -67,7 +67,8 @@ def test_same_vae_twice_has_zero_difference(pair):
 
 def test_encoder_only_side_and_same_names(pair):
     holed, smooth = pair
-    enc_only = VAESide("encoder-only", smooth.model.moments, None)
+    from dataclasses import replace
+    enc_only = replace(side("encoder-only", smooth), decode=None, decode_grad=None)
     result = compare_vaes(side("holed", holed), enc_only, holed.image, reach=False)
     assert result.reconstructions[1] is None and "psnr_db" not in result.report["images"][0]["encoder-only"]
     with pytest.raises(InputError, match="both VAEs are called"):
@@ -75,9 +76,6 @@ def test_encoder_only_side_and_same_names(pair):
 
 
 # ---------------------------------------------------------------- CLI
-
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def test_cli_compare(pair, tmp_path, capsys):
     holed, smooth = pair
@@ -92,7 +90,8 @@ def test_cli_compare(pair, tmp_path, capsys):
     assert [row["index"] for row in rep["images"]] == [0, 1]
     assert rep["images"][0]["path"] == str(image) and rep["images"][1]["holed.safetensors"]["latent_size"] == [16, 24]
     assert rep["summary"]["holed.safetensors"]["anomalies"] >= 1 and rep["summary"]["smooth.safetensors"]["anomalies"] == 0
-    for f in rep["files"]:
+    assert sorted(rep["files"]) == ["compare_0", "compare_1"]
+    for f in rep["files"].values():
         with Image.open(f) as im:
             assert im.size[0] > 5 * 96
     assert "holed.safetensors:" in capsys.readouterr().out
@@ -111,12 +110,11 @@ def test_cli_compare_bad_input(tmp_path, capsys):
     assert main(["compare", "--vae-a", str(tmp_path / "missing.safetensors"), "--vae-b", "b", "--image",
                  str(tmp_path / "x.png"), "--out", str(tmp_path / "o")]) == 2
     assert "Cannot load VAE" in capsys.readouterr().err
-    r = subprocess.run([sys.executable, "-m", "vae_fix", "compare", "--help"], cwd=ROOT, capture_output=True,
-                       text=True, timeout=120)
+    r = run_cli("compare", "--help")
     assert r.returncode == 0 and "--vae-b" in r.stdout
 
 
-def test_a_negative_window_is_refused_not_skipped(tmp_path):
+def test_a_negative_window_is_refused_not_skipped(tmp_path, capsys):
     from vae_fix.model import random_vae
 
     vae_a, vae_b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
@@ -127,3 +125,6 @@ def test_a_negative_window_is_refused_not_skipped(tmp_path):
     code = main(["compare", "--vae-a", str(vae_a), "--vae-b", str(vae_b), "--image", str(image),
                  "--out", str(tmp_path / "out"), "--window", "-2"])
     assert code == 2
+    err = capsys.readouterr().err
+    assert "Invalid --window: -2" in err and "a whole number of cells >= 0" in err
+    assert not (tmp_path / "out").exists(), "nothing written for a refused run"

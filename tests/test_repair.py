@@ -1,7 +1,4 @@
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +13,9 @@ from vae_fix.errors import InputError
 from vae_fix.model import preset_config, random_vae
 from vae_fix.builders.planted import planted_vae
 from vae_fix.posterior import read_posterior
-from vae_fix.repair import anomaly_mask, latent_outliers, neutralise, repair_latent, repair_picture
+from run_cli import run_cli
+from vae_fix.codec import model_codec
+from vae_fix.repair import anomaly_mask, latent_outliers, neutralise, repair, repair_picture
 
 SPIKES = [((5, 5), 40.0), ((15, 16), -25.0)]
 
@@ -58,8 +57,7 @@ def test_neutralise_single_cells_and_groups():
 def test_repair_removes_the_reach_of_spikes():
     vae = random_vae(preset_config("sd", small=True), seed=1)
     z = spiked()
-    flagged, score = latent_outliers(z)
-    result = repair_latent(vae.decode, z, flagged, scores=score, window=2)
+    result = repair(model_codec(vae), z, window=2)
     rep = result.report
     json.dumps(rep, allow_nan=False)
     (entry,) = rep["images"]
@@ -83,7 +81,8 @@ def test_repair_from_the_posterior_of_a_planted_hole():
     found = find_anomalies(post, 0)
     mask = anomaly_mask(found, 1, *post.latent_size)
     assert mask[0, 9, 21]
-    result = repair_latent(planted.model.decode, post.mean, mask, window=3, fast_map=False, source="posterior")
+    result = repair(planted.codec, post.mean, image=planted.image, window=3, fast_map=False)
+    assert torch.equal(result.mask, mask), "the engine chooses the cells the detector finds"
     assert result.report["source"] == "posterior" and result.report["repaired_cells"] == int(mask.sum())
     assert not torch.equal(result.latent[0, :, 9, 21], post.mean[0, :, 9, 21])
 
@@ -92,17 +91,15 @@ def test_progress_and_bad_mask():
     vae = random_vae(preset_config("sd", small=True), seed=1)
     z = spiked()
     seen = []
-    repair_latent(vae.decode, z, latent_outliers(z)[0], window=2, fast_map=False,
-                  progress=lambda d, t: seen.append((d, t)))
+    repair(model_codec(vae), z, window=2, fast_map=False, progress=lambda d, t: seen.append((d, t)))
     assert seen == [(0, 3), (1, 3), (2, 3), (3, 3)]
     with pytest.raises(InputError, match=r"mask of shape \[3, 3\]"):
-        repair_latent(vae.decode, z, torch.zeros(3, 3, dtype=torch.bool))
+        neutralise(z, torch.zeros(3, 3, dtype=torch.bool))
+    with pytest.raises(InputError, match="Invalid source: 'posterior anomalies' needs the image"):
+        repair(model_codec(vae), z, source="posterior")
 
 
 # ---------------------------------------------------------------- CLI
-
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
 def cli_files(tmp_path_factory):
@@ -143,12 +140,12 @@ def test_cli_repair_bad_input_exits_2(cli_files, tmp_path, capsys, args, needle)
     assert main(["repair", "--vae", str(cli_files["random"]), "--latent", str(cli_files["latent"]),
                  "--out", str(tmp_path / "o"), *args]) == 2
     assert needle in capsys.readouterr().err
+    assert not (tmp_path / "o").exists(), "a failing run leaves nothing behind"
 
 
 def test_cli_repair_wrong_channel_count_and_help(cli_files, tmp_path, capsys):
     wrong = write_latent(torch.randn(1, 16, 8, 8), tmp_path / "z16.latent")
     assert main(["repair", "--vae", str(cli_files["random"]), "--latent", str(wrong), "--out", str(tmp_path / "o")]) == 2
     assert "16 channels, but the VAE's latents have 4" in capsys.readouterr().err
-    r = subprocess.run([sys.executable, "-m", "vae_fix", "repair", "--help"], cwd=ROOT, capture_output=True,
-                       text=True, timeout=120)
+    r = run_cli("repair", "--help")
     assert r.returncode == 0 and "--source" in r.stdout

@@ -7,7 +7,7 @@ import pkgutil
 import sys
 
 from . import commands
-from .errors import VAEFixError
+from .errors import InputError, VAEFixError
 
 ORDER = ["demo", "inspect", "logvar_map", "convert", "reach_map", "cell_reach", "stats", "edit", "preview", "compare", "repair"]
 
@@ -33,12 +33,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def as_flag(err: Exception, args) -> Exception:
+    """Engine errors name a parameter ("window"); on the command line it is the flag ("--window")."""
+    if isinstance(err, InputError) and err.name.isidentifier() and hasattr(args, err.name):
+        return InputError("--" + err.name.replace("_", "-"), err.problem, err.expected)
+    return err
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args._run(args) or 0)
     except (VAEFixError, FileNotFoundError, IsADirectoryError, PermissionError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {as_flag(e, args)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

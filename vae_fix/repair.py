@@ -1,10 +1,11 @@
 """Neutralise anomalous latent cells before decoding, and report what that changed.
 
-Which cells: the posterior's anomalies (`anomaly.find_anomalies`, when the image and encoder are
-at hand) or, with only a latent, `latent_outliers`: per channel the robust z of each value,
-|z - median| / (1.4826·MAD), the largest over channels per cell, flagged at `threshold` and at least
-`min_dev` latent units away (latents follow the image, edges reach 3-6 robust sigmas, so only far
-larger ones count — the same rule as the anomaly detector's mean test).
+Which cells (`source`): the posterior's anomalies (`anomaly.find_anomalies` on the image the latent
+was encoded from, read again by the same codec) or, with only a latent, `latent_outliers`: per
+channel the robust z of each value, |z - median| / (1.4826·MAD), the largest over channels per cell,
+flagged at `threshold` and at least `min_dev` latent units away (latents follow the image, edges
+reach 3-6 robust sigmas, so only far larger ones count — the same rule as the anomaly detector's
+mean test). "auto": the posterior when an image is given, else the latent.
 
 How: each flagged cell becomes, per channel, the median of its 8 neighbours that are not flagged.
 Touching flagged cells are filled from the outside in (a cell waits until one neighbour is known);
@@ -12,24 +13,28 @@ a latent that is flagged everywhere is left as it is.
 
 The report compares before and after: the decoded image's change (all pixels, and outside the
 windows of the repaired cells), the exact reach of each repaired cell (what its replacement alone
-does to the far field, `influence.exact_reach`) and the fast reach map's worst cell before and after.
+does to the far field, `reach.exact_reach`) and the fast reach map's worst cell before and after.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Callable, Optional
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
-from .anomaly import DEFAULT_MEAN_THRESHOLD, DEFAULT_MIN_MEAN_DEV, MAD_TO_SIGMA, AnomalyReport
+from . import viz
+from .anomaly import DEFAULT_MEAN_THRESHOLD, DEFAULT_MIN_MEAN_DEV, MAD_TO_SIGMA, AnomalyReport, find_anomalies
+from .codec import Codec
 from .edit import check_latent
 from .errors import InputError
 from .reach import exact_reach, fast_reach_map, near_box, neighbour_median, summarize_map
-from .progress import ProgressFn, report
-from .jsonsafe import json_safe
+from .posterior import read_posterior
+from .progress import ProgressFn, Steps
+from .result import Result
 
-DecodeFn = Callable[[torch.Tensor], torch.Tensor]
+SOURCES = ("auto", "posterior", "latent")
+METHOD = "flagged cells replaced by the per-channel median of their unflagged 8 neighbours"
 
 
 def latent_outliers(z: torch.Tensor, threshold: float = DEFAULT_MEAN_THRESHOLD,
@@ -37,7 +42,7 @@ def latent_outliers(z: torch.Tensor, threshold: float = DEFAULT_MEAN_THRESHOLD,
     """(flagged `[B, h, w]` bool, score `[B, h, w]`): robust outliers of a latent alone."""
     check_latent(z)
     if not (threshold >= 0 and min_dev >= 0):
-        raise InputError("threshold/min_dev", f"{threshold!r}/{min_dev!r}", "numbers >= 0")
+        raise InputError("threshold", f"{threshold!r} (min_dev {min_dev!r})", "numbers >= 0")
     zf = z.detach().float().cpu()
     flat = zf.flatten(2)                                         # [B, C, h*w]
     med = flat.nanmedian(dim=2, keepdim=True).values
@@ -87,21 +92,47 @@ def neutralise(z: torch.Tensor, mask) -> torch.Tensor:
     return out.to(device=z.device, dtype=z.dtype)
 
 
+# ---------------------------------------------------------------- which cells
+
+def resolve_source(source: str, image: Optional[torch.Tensor]) -> str:
+    """'auto' → 'posterior' with an image, else 'latent'; 'posterior' without an image is refused."""
+    if source not in SOURCES:
+        raise InputError("source", f"{source!r}", f"one of {', '.join(SOURCES)}")
+    if source == "auto":
+        return "posterior" if image is not None else "latent"
+    if source == "posterior" and image is None:
+        raise InputError("source", "'posterior anomalies' needs the image the latent was encoded from",
+                         "the image the latent came from, or the latent outliers source")
+    return source
+
+
+def flagged_cells(codec: Codec, z: torch.Tensor, source: str, image: Optional[torch.Tensor] = None,
+                  threshold: Optional[float] = None):
+    """(mask `[B, h, w]`, scores `[B, h, w]` or None): the cells of `z [B, C, h, w]` to repair for a
+    resolved `source`; `image [B, 3, H, W]` (0..1) must encode to the latent's shape. `threshold`:
+    the source's detector threshold (None: its default)."""
+    kw = {} if threshold is None else {"threshold": threshold}
+    if source == "latent":
+        return latent_outliers(z, **kw)
+    post = read_posterior(codec, image, size_policy="crop")  # crop: as core's VAE Encode does
+    if tuple(post.mean.shape) != tuple(z.shape):
+        raise InputError("image", f"it encodes to a latent of shape {list(post.mean.shape)}, the latent is {list(z.shape)}",
+                         "the image the latent was made from with this VAE (VAE Encode of it)")
+    found = [find_anomalies(post, i, **kw) for i in range(post.batch)]
+    return anomaly_mask(found, post.batch, *post.latent_size), None
+
+
 # ---------------------------------------------------------------- before/after report
-
-@dataclass
-class RepairResult:
-    latent: torch.Tensor          # [B, C, h, w] repaired
-    mask: torch.Tensor            # [B, h, w] cells that were replaced
-    before: torch.Tensor          # [B, 3, H, W] 0..1 decoded original
-    after: torch.Tensor           # [B, 3, H, W] 0..1 decoded repair
-    report: dict = field(default_factory=dict)
-
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> Optional[float]:
     """PSNR in dB of two images in 0..1 (None when identical)."""
     mse = float((a.float() - b.float()).pow(2).mean())
     return None if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+def to_unit(decoded: torch.Tensor) -> torch.Tensor:
+    """Decoder output (-1..1, unclamped) → image 0..1 on the CPU."""
+    return ((decoded.float().cpu() + 1) / 2).clamp(0, 1)
 
 
 def _image_change(before: torch.Tensor, after: torch.Tensor, cells, window: int, ds: int) -> dict:
@@ -118,22 +149,12 @@ def _image_change(before: torch.Tensor, after: torch.Tensor, cells, window: int,
             "far_max_abs": float(far_vals.max()) if far_vals.numel() else None}
 
 
-def _fast_summary(decode_fn, z, index, window, mode) -> dict:
+def _fast_summary(decode_grad, z, index, window) -> dict:
     try:
-        fast = fast_reach_map(decode_fn, z, window=window, index=index, mode=mode)
+        fast = fast_reach_map(decode_grad, z, window=window, index=index)
     except InputError as e:  # latent too small for the regions: say so instead of failing the repair
         return {"skipped": str(e)}
     return summarize_map(fast.reach, 3)
-
-
-@torch.no_grad()
-def _decode(decode_fn, z: torch.Tensor) -> torch.Tensor:
-    return decode_fn(z).float()
-
-
-def to_unit(decoded: torch.Tensor) -> torch.Tensor:
-    """Decoder output (-1..1, unclamped) → image 0..1."""
-    return ((decoded.float() + 1) / 2).clamp(0, 1)
 
 
 def _ordered_cells(mask: torch.Tensor, scores: Optional[torch.Tensor]) -> list[tuple[int, int]]:
@@ -143,26 +164,30 @@ def _ordered_cells(mask: torch.Tensor, scores: Optional[torch.Tensor]) -> list[t
     return cells
 
 
-def repair_latent(decode_fn: DecodeFn, z: torch.Tensor, mask, *, scores: Optional[torch.Tensor] = None,
-                  window: int = 3, measure_cells: int = 8, fast_map: bool = True, mode: str = "median",
-                  source: str = "given", progress: Optional[ProgressFn] = None) -> RepairResult:
-    """Replace the flagged cells of `z [B, C, h, w]` and measure before/after.
+def repair(codec: Codec, z: torch.Tensor, *, source: str = "auto", image: Optional[torch.Tensor] = None,
+           posterior_threshold: Optional[float] = None, latent_threshold: Optional[float] = None,
+           window: int = 3, measure_cells: int = 8, fast_map: bool = True, inputs: Optional[dict] = None,
+           progress: Optional[ProgressFn] = None) -> "RepairResult":
+    """Choose the cells of `z [B, C, h, w]` (see the module notes), replace them and measure before/after.
 
-    `scores` (`[B, h, w]`, optional) orders the cells, highest first, in the report.
-    `measure_cells`: per image, how many flagged cells (highest score first) get the exact reach measure.
-    `fast_map`: also compare the fast reach maps before and after (needs a differentiable decoder).
-    Progress counts the steps (two decodes, then per image the measures); may raise to cancel.
+    Thresholds: None is the detector's default. `measure_cells`: per latent, how many flagged cells
+    (highest score first) get the exact reach measure. `fast_map`: also compare the fast reach maps
+    before and after (needs a differentiable decoder). `inputs`: where the latent and image came from,
+    kept as the report's "input". Progress counts encodes, decodes and measures; it may raise to cancel.
     """
     check_latent(z)
+    if isinstance(measure_cells, bool) or not isinstance(measure_cells, int) or measure_cells < 0:
+        raise InputError("measure_cells", f"{measure_cells!r}", "a whole number >= 0")
+    decode, decode_grad = codec.need_decoder(), codec.need_decoder(grad=True) if fast_map else None
+    source = resolve_source(source, image)
     b, _, h, w = z.shape
-    mask = _as_mask(mask, b, h, w)
+    steps = Steps(progress, (source == "posterior") + 2 + b * (1 + 2 * fast_map))
+    threshold = posterior_threshold if source == "posterior" else latent_threshold
+    mask, scores = flagged_cells(codec, z, source, image, threshold)
+    if source == "posterior":
+        steps.step()  # the encode
     fixed = neutralise(z, mask)
-    steps, done = 2 + b * (1 + 2 * fast_map), 0
-    report(progress, done, steps)
-    raw_before = _decode(decode_fn, z)
-    report(progress, done := done + 1, steps)
-    raw_after = _decode(decode_fn, fixed)
-    report(progress, done := done + 1, steps)
+    raw_before, raw_after = _decoded(decode, z, steps), _decoded(decode, fixed, steps)
     before, after = to_unit(raw_before), to_unit(raw_after)
     ds = before.shape[-2] // h
     images = []
@@ -170,28 +195,63 @@ def repair_latent(decode_fn: DecodeFn, z: torch.Tensor, mask, *, scores: Optiona
         cells = _ordered_cells(mask[i], None if scores is None else scores[i])
         entry = {"index": i, "repaired_cells": len(cells), "cells": [list(c) for c in cells[:256]],
                  "image_change": _image_change(before[i], after[i], cells, window, ds)}
-        measured = cells[:measure_cells]
-        if measured:
-            reach = exact_reach(decode_fn, z, measured, window=window, index=i, base=raw_before[i:i + 1],
+        if cells[:measure_cells]:
+            reach = exact_reach(decode, z, cells[:measure_cells], window=window, index=i, base=raw_before[i:i + 1],
                                 delta=(fixed[i:i + 1] - z[i:i + 1]).float())
             entry["cell_reach_before"] = [r.to_dict() for r in reach]
-        report(progress, done := done + 1, steps)
+        steps.step()
         if fast_map:
-            entry["fast_reach_before"] = _fast_summary(decode_fn, z, i, window, mode)
-            report(progress, done := done + 1, steps)
-            entry["fast_reach_after"] = _fast_summary(decode_fn, fixed, i, window, mode)
-            report(progress, done := done + 1, steps)
+            for key, latent in (("fast_reach_before", z), ("fast_reach_after", fixed)):
+                entry[key] = _fast_summary(decode_grad, latent, i, window)
+                steps.step()
         images.append(entry)
-    rep = {"source": source, "window": window, "downscale": ds, "latent_shape": list(z.shape),
-           "repaired_cells": int(mask.sum()), "images": images,
-           "method": "flagged cells replaced by the per-channel median of their unflagged 8 neighbours"}
-    return RepairResult(fixed, mask, before, after, json_safe(rep))
+    report = {"source": source, "window": window, "downscale": ds, "latent_shape": list(z.shape),
+              "repaired_cells": int(mask.sum()), "images": images, "method": METHOD, "vae": codec.info}
+    if inputs:
+        report["input"] = inputs
+    return RepairResult(fixed, mask, before, after, report)
+
+
+def _decoded(decode, z: torch.Tensor, steps: Steps) -> torch.Tensor:
+    """`[B, 3, H, W]` -1..1 on the decoder's device, one step."""
+    with torch.no_grad():
+        out = decode(z).float()
+    steps.step()
+    return out
+
+
+@dataclass
+class RepairResult(Result):
+    latent: torch.Tensor          # [B, C, h, w] repaired, on the input latent's device and dtype
+    mask: torch.Tensor            # [B, h, w] cells that were replaced
+    before: torch.Tensor          # [B, 3, H, W] 0..1 decoded original
+    after: torch.Tensor           # [B, 3, H, W] 0..1 decoded repair
+    report: dict
+
+    json_name = "repair"
+
+    def to_json(self) -> dict:
+        return self.report
+
+    def summary(self) -> str:
+        lines = [f"{self.report['repaired_cells']} cells to repair ({self.report['source']})"]
+        for e in self.report["images"]:
+            change, far = e["image_change"], e["image_change"]["far_mean_abs"]
+            line = (f"image {e['index']}: {e['repaired_cells']} cells repaired; mean |image change| "
+                    f"{change['mean_abs']:.4f}, away from the cells {'n/a' if far is None else f'{far:.4f}'}")
+            before, after = e.get("fast_reach_before", {}), e.get("fast_reach_after", {})
+            if "max" in before and "max" in after:
+                line += f"; worst fast reach {before['max']:.3g} -> {after['max']:.3g}"
+            lines.append(line)
+        return "\n".join(lines)
+
+    def pictures(self) -> dict:
+        """`repair_<i>`: per latent, before (repaired cells boxed) | after | |after - before|."""
+        return {f"repair_{i}": repair_picture(self, i) for i in range(self.before.shape[0])}
 
 
 def repair_picture(result: RepairResult, index: int = 0, cmap: str = "magma") -> torch.Tensor:
     """before (repaired cells boxed) | after | |after - before| with a colour bar: `[3, H', W']`."""
-    from . import viz
-
     if not 0 <= index < result.before.shape[0]:
         raise InputError("index", f"{index}", f"0..{result.before.shape[0] - 1}")
     before, after = result.before[index], result.after[index]
@@ -199,8 +259,8 @@ def repair_picture(result: RepairResult, index: int = 0, cmap: str = "magma") ->
     marks = [tuple(c) for c in torch.nonzero(result.mask[index]).tolist()]
     diff = (after - before).abs().mean(0)
     vmax = max(float(diff.max()), 1e-6)
-    zoom = max(1, 256 // max(before.shape[-2:]))  # small images stay readable
-    before, after, diff = (t.repeat_interleave(zoom, -2).repeat_interleave(zoom, -1) for t in (before, after, diff))
+    zoom = viz.zoom_for(*before.shape[-2:])
+    before, after, diff = (viz.enlarge(t, zoom) for t in (before, after, diff))
     tiles = [viz.caption(viz.mark_cells(before, marks, cell=ds, zoom=zoom) if marks else before, "before"),
              viz.caption(after, "after (cells repaired)"),
              viz.caption(viz.with_colorbar(viz.heatmap(diff, cmap, 0.0, vmax), cmap, 0.0, vmax, "|change|"),

@@ -28,6 +28,13 @@ def add_output_arguments(p, what: str = "the JSON result, summary.txt and the PN
     p.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
 
 
+def add_latent_source(p) -> None:
+    """--image or --latent: where the latent comes from (an image is encoded to its posterior mean)."""
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--image", metavar="PATH", help="image to encode (the latent is the posterior mean)")
+    src.add_argument("--latent", metavar="FILE", help="latent file (ComfyUI .latent or safetensors)")
+
+
 def _out_folder(text: str):
     import argparse
     try:

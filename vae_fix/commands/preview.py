@@ -1,7 +1,7 @@
 """`python -m vae_fix preview`: latents shown as RGB without decoding (the Latent Preview (RGB) node)."""
 from __future__ import annotations
 
-from ._common import add_output_arguments, add_vae_arguments, finish, latent_and_image, load_codec
+from ._common import add_latent_source, add_output_arguments, add_vae_arguments, finish, latent_and_image, load_codec
 
 NAME = "preview"
 HELP = ("Latents as RGB pictures without decoding: one linear colour map per latent cell, the published "
@@ -10,9 +10,7 @@ HELP = ("Latents as RGB pictures without decoding: one linear colour map per lat
 
 def add_arguments(p) -> None:
     add_vae_arguments(p, required=False)
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--image", metavar="PATH", help="image to encode (the latent is the posterior mean)")
-    source.add_argument("--latent", metavar="FILE", help="latent file (ComfyUI .latent or safetensors)")
+    add_latent_source(p)
     p.add_argument("--family", default="auto",
                    help="whose colour factors: sd1, sdxl, sd3, flux, fit (always fit a map with --vae) or auto "
                         "(default: the only family with this channel count, else a fit with --vae)")

@@ -1,22 +1,15 @@
 """`python -m vae_fix reach-map`: the fast reach of every latent cell (as the Latent Reach Map node)."""
 from __future__ import annotations
 
-from ..reach import reach_map
-from ..reach import MODES
+from ..reach import MODES, reach_map
 from ..viz import CMAPS
-from ._common import add_output_arguments, add_vae_arguments, finish, latent_and_image, load_codec, progress
+from ._common import (add_latent_source, add_output_arguments, add_vae_arguments, finish, latent_and_image,
+                      load_codec, progress)
 
 NAME = "reach-map"
 HELP = ("Reach of every latent cell at once: how much of the decoded image outside a cell's neighbourhood "
         "changes when the cell changes, to first order (one decode and blocks² backward passes). Writes "
         "reach_map.json (top cells, median, every cell's value), summary.txt, map.png and overlay.png.")
-
-
-def add_latent_source(p) -> None:
-    """--image or --latent: where the measured latent comes from (shared by the reach commands)."""
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--image", metavar="PATH", help="image to encode (the latent is the posterior mean)")
-    src.add_argument("--latent", metavar="FILE", help="latent file (ComfyUI .latent or safetensors)")
 
 
 def add_reach_arguments(p, cmap_default: str = "magma") -> None:

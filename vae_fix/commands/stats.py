@@ -2,7 +2,7 @@
 histogram per channel (the Latent Statistics node)."""
 from __future__ import annotations
 
-from ._common import add_output_arguments, add_vae_arguments, finish, latent_and_image, load_codec
+from ._common import add_latent_source, add_output_arguments, add_vae_arguments, finish, latent_and_image, load_codec
 
 NAME = "stats"
 HELP = ("Per-channel statistics of latents (mean, std, min, max, percentiles), the scale factor and "
@@ -11,9 +11,7 @@ HELP = ("Per-channel statistics of latents (mean, std, min, max, percentiles), t
 
 def add_arguments(p) -> None:
     add_vae_arguments(p, required=False)
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--image", metavar="PATH", help="image to encode (the latent is the posterior mean)")
-    source.add_argument("--latent", metavar="FILE", help="latent file (ComfyUI .latent or safetensors)")
+    add_latent_source(p)
     p.add_argument("--bins", type=int, default=64, help="bars per histogram (default 64)")
     p.add_argument("--clip-percentile", type=float, default=0.5,
                    help="the shared x range runs from this percentile to 100 minus it (default 0.5)")
