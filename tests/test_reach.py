@@ -249,8 +249,8 @@ def test_cells_as_text():
 
 @pytest.mark.parametrize("call,needle", [
     (lambda c, z: cell_reach(c, z, []), "Invalid cells: no cell given"),
-    (lambda c, z: cell_reach(c, z, top=0), "Invalid top: 0"),
-    (lambda c, z: reach_map(c, z, window=1, top=0), "Invalid top: 0"),
+    (lambda c, z: cell_reach(c, z, top=0), "Invalid --top: 0"),
+    (lambda c, z: reach_map(c, z, window=1, top=0), "Invalid --top: 0"),
     (lambda c, z: reach_map(c, z, window=1, cmap="rainbow"), "Invalid cmap"),
     (lambda c, z: cell_reach(c, z, [(1, 1)], window=1, batch_size=0), "Invalid batch_size"),
 ])
@@ -322,14 +322,14 @@ def test_cli_exact_all_is_cells_all():
 
 
 @pytest.mark.parametrize("command,extra,needle", [
-    ("cell-reach", ["--cells", "99,0"], "Invalid cells: cell (99, 0) is outside the 16x16 latent"),
+    ("cell-reach", ["--cells", "99,0"], "Invalid --cells: cell (99, 0) is outside the 16x16 latent"),
     ("cell-reach", ["--cells", "1;2"], "Invalid --cells: cannot read '1;2' as y,x pairs"),
     ("cell-reach", ["--no-fast"], "Invalid --no-fast: nothing left to measure"),
-    ("cell-reach", ["--top", "0"], "Invalid top: 0"),
-    ("cell-reach", ["--window", "9"], "Invalid window: 9 cells leaves no far field"),
-    ("reach-map", ["--window", "9"], "Invalid window: 9 cells leaves no far field"),
-    ("reach-map", ["--index", "3"], "Invalid index: 3 is outside the batch of 1"),
-    ("cell-reach", ["--index", "3"], "Invalid index: 3 is outside the batch of 1"),
+    ("cell-reach", ["--top", "0"], "Invalid --top: 0"),
+    ("cell-reach", ["--window", "9"], "Invalid --window: 9 cells leaves no far field"),
+    ("reach-map", ["--window", "9"], "Invalid --window: 9 cells leaves no far field"),
+    ("reach-map", ["--index", "3"], "Invalid --index: 3 is outside the batch of 1"),
+    ("cell-reach", ["--index", "3"], "Invalid --index: 3 is outside the batch of 1"),
 ])
 def test_cli_bad_input_exits_2_naming_it(cli_files, tmp_path, capsys, command, extra, needle):
     assert cli(command, cli_files, tmp_path / "o", *extra) == 2

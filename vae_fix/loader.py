@@ -2,11 +2,10 @@
 complete, finite, correctly shaped VAE with notes on everything it did, or raises VAELoadError
 naming the file, the problem, the first offending keys and what was expected.
 
-Reads `.safetensors`/`.sft` (metadata returned), diffusers folders (`config.json` +
-`diffusion_pytorch_model.safetensors` or `.bin`, also a pipeline folder's `vae/`) and
-`.ckpt/.pt/.pth/.bin` only through `torch.load(weights_only=True)`, so a pickle that would run
-code is refused and nothing in it runs. Key layouts: CompVis, diffusers (old and new attention
-names), whole checkpoints (`first_stage_model.`), `vae.` prefix (see `layouts`).
+Containers (safetensors, diffusers folders, weights-only torch files) are read by `containers`;
+key layouts (CompVis, diffusers with old and new attention names, whole checkpoints under
+`first_stage_model.`, a `vae.` prefix) are mapped by `layouts`. Here the tensors are checked
+against the architecture their shapes describe.
 
 Saving (`save_vae`): `layout="compvis"` writes one `.safetensors` file; `layout="diffusers"` writes
 a folder (`config.json` + `diffusion_pytorch_model.safetensors`), or a single diffusers-named
@@ -16,35 +15,28 @@ dtype and values), so conversions round-trip bit-exactly.
 from __future__ import annotations
 
 import json
-import os
-import pickle
-import re
-import warnings
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from . import __version__, layouts
+from .containers import WEIGHT_NAMES, RawWeights, read_container, write_safetensors
 from .errors import InputError, VAELoadError
 from .model import AutoencoderKL, VAEConfig, infer_config, is_foreign_decoder
+from .result import Result
 
-SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
-TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
-EXPECTED_INPUT = ("a .safetensors file, a .ckpt/.pt/.pth/.bin weights file, or a diffusers folder "
-                  "(config.json + diffusion_pytorch_model.safetensors)")
 CONFIG_META_KEY = "vae_fix.diffusers_config"  # diffusers-only settings kept inside CompVis files
-MAX_HEADER = 100_000_000                      # the safetensors format's own limit
 
 
 @dataclass
-class VAEFile:
+class VAEFile(Result):
     """A validated VAE read from disk. `state_dict` is CompVis layout, no prefix (what
-    `comfy.sd.VAE(sd=...)` accepts), tensors as stored (dtype unchanged)."""
+    `comfy.sd.VAE(sd=...)` accepts), tensors as stored (dtype unchanged).
+
+    As a result (`python -m vae_fix check`, the `info` of Load VAE (strict)): its JSON is `info()`,
+    its summary one line about the file plus the loader's notes."""
     state_dict: dict[str, torch.Tensor]
     config: VAEConfig
     path: str
@@ -56,16 +48,28 @@ class VAEFile:
     extra_config: dict = field(default_factory=dict)   # scaling_factor etc. from a diffusers config.json
     ignored_keys: list[str] = field(default_factory=list)
 
+    json_name = "vae"
+
+    def dtypes(self) -> list[str]:
+        return sorted({str(v.dtype).replace("torch.", "") for v in self.state_dict.values()})
+
     def info(self) -> dict:
         cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in self.config.to_dict().items()}
         return {
             "path": self.path, "layout": self.layout, "container": self.container, "prefix": self.prefix,
             "latent_channels": self.config.latent_channels, "downscale": self.config.downscale,
-            "decoder": self.config.decoder_kind, "tensors": len(self.state_dict),
-            "dtypes": sorted({str(v.dtype).replace("torch.", "") for v in self.state_dict.values()}),
+            "decoder": self.config.decoder_kind, "tensors": len(self.state_dict), "dtypes": self.dtypes(),
             "ignored_keys": len(self.ignored_keys), "config": cfg, "extra_config": dict(self.extra_config),
             "metadata_keys": sorted(self.metadata), "notes": list(self.notes),
         }
+
+    def to_json(self) -> dict:
+        return self.info()
+
+    def summary(self) -> str:
+        head = (f"{self.path}: {self.layout} layout ({self.container}), {describe(self.config)}, "
+                f"{self.config.downscale}x downscale, {len(self.state_dict)} tensors ({', '.join(self.dtypes())})")
+        return "\n".join([head] + [f"  note: {note}" for note in self.notes])
 
 
 @dataclass
@@ -88,27 +92,11 @@ class LoadedVAE:
         return model_codec(self.model, name or Path(self.file.path).name, self.info(), input_name)
 
 
-@dataclass
-class _Raw:
-    tensors: dict
-    weights_path: Path
-    container: str
-    metadata: dict = field(default_factory=dict)
-    config_json: dict | None = None
-    notes: list = field(default_factory=list)
-
-
 # ---------------------------------------------------------------- public API
 
 def read_vae(path) -> VAEFile:
     """Read and validate a VAE in any supported container and layout (tensors stay on CPU)."""
-    raw = _read_container(Path(path))
-    return _validate(raw, str(path))
-
-
-def read_state_dict(path) -> dict[str, torch.Tensor]:
-    """The validated CompVis-layout state dict of a VAE file or folder."""
-    return read_vae(path).state_dict
+    return _validate(read_container(Path(path)), str(path))
 
 
 def load_vae(path, device="cpu", dtype: torch.dtype = torch.float32) -> LoadedVAE:
@@ -160,134 +148,19 @@ def save_vae(vae, path, layout: str = "compvis", metadata: dict | None = None) -
     if single_file:
         if extra:
             meta[CONFIG_META_KEY] = json.dumps(extra, sort_keys=True)
-        return _write_safetensors(tensors, path, meta)
+        return write_safetensors(tensors, path, meta)
     if path.exists() and not path.is_dir():
         raise InputError("output path", f"'{path}' is an existing file", "a folder path for the diffusers layout (or a .safetensors path)")
     meta.pop(CONFIG_META_KEY, None)  # the folder's config.json carries these
     path.mkdir(parents=True, exist_ok=True)
-    _write_safetensors(tensors, path / WEIGHT_NAMES[0], meta)
+    write_safetensors(tensors, path / WEIGHT_NAMES[0], meta)
     (path / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
     return path
 
 
-# ---------------------------------------------------------------- containers
-
-def _read_container(path: Path) -> _Raw:
-    if not path.exists():
-        raise VAELoadError(path, "no such file or folder", EXPECTED_INPUT)
-    if path.is_dir():
-        return _read_folder(path)
-    suffix = path.suffix.lower()
-    if suffix in SAFETENSORS_SUFFIXES:
-        return _read_safetensors(path)
-    if suffix in TORCH_SUFFIXES:
-        return _read_torch(path)
-    raise VAELoadError(path, f"unknown file type '{suffix or '(no extension)'}'", EXPECTED_INPUT)
-
-
-def _check_size(path: Path) -> int:
-    try:
-        size = path.stat().st_size
-    except OSError as e:
-        raise VAELoadError(path, f"cannot read it ({e.strerror})", EXPECTED_INPUT) from None
-    if size == 0:
-        raise VAELoadError(path, "the file is empty (0 bytes)", "a complete weights file (the download or copy may have failed)")
-    return size
-
-
-def _read_safetensors(path: Path) -> _Raw:
-    size = _check_size(path)
-    expected = "a complete .safetensors file (8-byte header length, JSON header, tensor data)"
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little") if size >= 8 else -1
-        if n < 0 or n > min(size - 8, MAX_HEADER):
-            raise VAELoadError(path, f"not a valid safetensors file: it is {size} bytes but its first 8 bytes give a "
-                               f"header length of {n} bytes (truncated, or not a safetensors file)", expected)
-        try:
-            header = json.loads(f.read(n))
-            ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
-        except (ValueError, TypeError, KeyError, AttributeError, IndexError) as e:
-            raise VAELoadError(path, f"corrupt safetensors header ({type(e).__name__}: {e})", expected) from None
-    needed = 8 + n + max(ends, default=0)
-    if needed > size:
-        raise VAELoadError(path, f"truncated: its header describes {needed} bytes of data but the file has {size}", expected)
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            metadata = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types for every kind of damage
-        raise VAELoadError(path, f"corrupt safetensors file ({type(e).__name__}: {e})", expected) from None
-    return _Raw(tensors, path, "safetensors", metadata)
-
-
-def _read_torch(path: Path) -> _Raw:
-    _check_size(path)
-    try:
-        with warnings.catch_warnings():  # torch warns about pickle protocols; the outcome is reported below
-            warnings.simplefilter("ignore")
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise VAELoadError(path, _refusal(str(e)), "a plain weights file (tensors in dicts), or a .safetensors file") from None
-    except Exception as e:  # zip, pickle and storage errors all mean the same thing here
-        detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise VAELoadError(path, f"not a readable PyTorch weights file, truncated or corrupt ({detail})",
-                           "a complete .ckpt/.pt/.pth/.bin saved by torch.save") from None
-    notes = []
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        others = sorted(str(k) for k in obj if k != "state_dict")
-        notes.append("weights were wrapped in 'state_dict'" + (f" (also held: {', '.join(others[:5])})" if others else ""))
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict):
-        raise VAELoadError(path, f"it holds a {type(obj).__name__}, not a dict of tensors", "a state dict (name → tensor)")
-    tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-    skipped = [str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor)]
-    if bad := [k for k in skipped if k.startswith(layouts.VAE_ROOTS)]:
-        raise VAELoadError(path, "some VAE entries are not tensors", "a tensor for every weight", bad)
-    if skipped:
-        notes.append(f"skipped {len(skipped)} non-tensor entries ({', '.join(skipped[:5])})")
-    return _Raw(tensors, path, "torch-weights-only", notes=notes)
-
-
-def _refusal(message: str) -> str:
-    """Why torch's weights-only unpickler said no, in the user's terms."""
-    wanted = re.search(r"GLOBAL ([\w.]+)", message)
-    if wanted:
-        return (f"refused: unpickling it would call or build '{wanted.group(1)}', which a weights-only load never "
-                "allows (a weights file does not need it; nothing in the file was run)")
-    opcode = re.search(r"[Uu]nsupported operand (\d+)", message)
-    step = f" (pickle opcode {opcode.group(1)})" if opcode else ""
-    return (f"refused: the weights-only unpickler cannot read it{step}; it is corrupt, not a PyTorch file, or a "
-            "pickle that builds arbitrary objects (nothing in the file was run)")
-
-
-def _read_folder(path: Path) -> _Raw:
-    folder, notes = path, []
-    if not (folder / "config.json").is_file():
-        if not (path / "vae" / "config.json").is_file():
-            raise VAELoadError(path, "a folder without config.json (and without vae/config.json)",
-                               "a diffusers model folder (config.json + diffusion_pytorch_model.safetensors) "
-                               "or a pipeline folder with a vae/ subfolder")
-        folder = path / "vae"
-        notes.append("read the vae/ subfolder of a pipeline folder")
-    try:
-        config_json = json.loads((folder / "config.json").read_text())
-        if not isinstance(config_json, dict):
-            raise ValueError("not a JSON object")
-    except (ValueError, OSError, UnicodeDecodeError) as e:
-        raise VAELoadError(folder / "config.json", f"not a valid config file ({e})", "a diffusers config.json (a JSON object)") from None
-    variants = sorted(folder.glob("diffusion_pytorch_model.*.safetensors")) + sorted(folder.glob("diffusion_pytorch_model.*.bin"))
-    weights = [folder / n for n in WEIGHT_NAMES if (folder / n).is_file()] + variants
-    if not weights:
-        raise VAELoadError(folder, "no weights file next to config.json", f"{WEIGHT_NAMES[0]} (or {WEIGHT_NAMES[1]})")
-    if weights[0].name not in WEIGHT_NAMES:
-        notes.append(f"read the variant weights file {weights[0].name}")
-    raw = _read_safetensors(weights[0]) if weights[0].suffix == ".safetensors" else _read_torch(weights[0])
-    return replace(raw, container="diffusers-folder", config_json=config_json, notes=notes + raw.notes)
-
-
 # ---------------------------------------------------------------- validation
 
-def _validate(raw: _Raw, path: str) -> VAEFile:
+def _validate(raw: RawWeights, path: str) -> VAEFile:
     where = str(raw.weights_path)
     sd, layout, prefix, ignored = layouts.to_compvis(raw.tensors, source=where)
     notes = list(raw.notes)
@@ -444,16 +317,3 @@ def _plain(t: torch.Tensor) -> torch.Tensor:
     if not t.is_contiguous() or t.untyped_storage().nbytes() != t.numel() * t.element_size():
         t = t.contiguous().clone()
     return t
-
-
-def _write_safetensors(tensors: dict, path: Path, metadata: dict) -> Path:
-    """Write next to the target and rename, so an interrupted save never leaves a truncated file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path

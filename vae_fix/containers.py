@@ -1,0 +1,169 @@
+"""The files a VAE comes in, read safely and written atomically; what the tensors mean is `loader`'s job.
+
+Reads `.safetensors`/`.sft` (metadata returned), diffusers folders (`config.json` +
+`diffusion_pytorch_model.safetensors` or `.bin`, also a pipeline folder's `vae/`) and
+`.ckpt/.pt/.pth/.bin` only through `torch.load(weights_only=True)`, so a pickle that would run
+code is refused and nothing in it runs. Every damage (empty, truncated, corrupt, not a weights
+file) is a VAELoadError naming the file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import warnings
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .errors import VAELoadError
+from .layouts import VAE_ROOTS
+
+SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
+TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+EXPECTED_INPUT = ("a .safetensors file, a .ckpt/.pt/.pth/.bin weights file, or a diffusers folder "
+                  "(config.json + diffusion_pytorch_model.safetensors)")
+MAX_HEADER = 100_000_000  # the safetensors format's own limit
+
+
+@dataclass
+class RawWeights:
+    """What a container held, before any check of the names or shapes."""
+    tensors: dict
+    weights_path: Path
+    container: str                   # "safetensors" | "diffusers-folder" | "torch-weights-only"
+    metadata: dict = field(default_factory=dict)
+    config_json: dict | None = None  # a diffusers folder's config.json
+    notes: list = field(default_factory=list)
+
+
+def read_container(path: Path) -> RawWeights:
+    """The tensors of a file or diffusers folder (on the CPU, as stored)."""
+    if not path.exists():
+        raise VAELoadError(path, "no such file or folder", EXPECTED_INPUT)
+    if path.is_dir():
+        return _read_folder(path)
+    suffix = path.suffix.lower()
+    if suffix in SAFETENSORS_SUFFIXES:
+        return _read_safetensors(path)
+    if suffix in TORCH_SUFFIXES:
+        return _read_torch(path)
+    raise VAELoadError(path, f"unknown file type '{suffix or '(no extension)'}'", EXPECTED_INPUT)
+
+
+def write_safetensors(tensors: dict, path: Path, metadata: dict) -> Path:
+    """Write next to the target and rename, so an interrupted save never leaves a truncated file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def _check_size(path: Path) -> int:
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise VAELoadError(path, f"cannot read it ({e.strerror})", EXPECTED_INPUT) from None
+    if size == 0:
+        raise VAELoadError(path, "the file is empty (0 bytes)", "a complete weights file (the download or copy may have failed)")
+    return size
+
+
+def _read_safetensors(path: Path) -> RawWeights:
+    size = _check_size(path)
+    expected = "a complete .safetensors file (8-byte header length, JSON header, tensor data)"
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little") if size >= 8 else -1
+        if n < 0 or n > min(size - 8, MAX_HEADER):
+            raise VAELoadError(path, f"not a valid safetensors file: it is {size} bytes but its first 8 bytes give a "
+                               f"header length of {n} bytes (truncated, or not a safetensors file)", expected)
+        try:
+            header = json.loads(f.read(n))
+            ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+        except (ValueError, TypeError, KeyError, AttributeError, IndexError) as e:
+            raise VAELoadError(path, f"corrupt safetensors header ({type(e).__name__}: {e})", expected) from None
+    needed = 8 + n + max(ends, default=0)
+    if needed > size:
+        raise VAELoadError(path, f"truncated: its header describes {needed} bytes of data but the file has {size}", expected)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for every kind of damage
+        raise VAELoadError(path, f"corrupt safetensors file ({type(e).__name__}: {e})", expected) from None
+    return RawWeights(tensors, path, "safetensors", metadata)
+
+
+def _read_torch(path: Path) -> RawWeights:
+    _check_size(path)
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols; the outcome is reported below
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise VAELoadError(path, _refusal(str(e)), "a plain weights file (tensors in dicts), or a .safetensors file") from None
+    except Exception as e:  # zip, pickle and storage errors all mean the same thing here
+        detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise VAELoadError(path, f"not a readable PyTorch weights file, truncated or corrupt ({detail})",
+                           "a complete .ckpt/.pt/.pth/.bin saved by torch.save") from None
+    notes = []
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        others = sorted(str(k) for k in obj if k != "state_dict")
+        notes.append("weights were wrapped in 'state_dict'" + (f" (also held: {', '.join(others[:5])})" if others else ""))
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise VAELoadError(path, f"it holds a {type(obj).__name__}, not a dict of tensors", "a state dict (name → tensor)")
+    tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    skipped = [str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if bad := [k for k in skipped if k.startswith(VAE_ROOTS)]:
+        raise VAELoadError(path, "some VAE entries are not tensors", "a tensor for every weight", bad)
+    if skipped:
+        notes.append(f"skipped {len(skipped)} non-tensor entries ({', '.join(skipped[:5])})")
+    return RawWeights(tensors, path, "torch-weights-only", notes=notes)
+
+
+def _refusal(message: str) -> str:
+    """Why torch's weights-only unpickler said no, in the user's terms."""
+    wanted = re.search(r"GLOBAL ([\w.]+)", message)
+    if wanted:
+        return (f"refused: unpickling it would call or build '{wanted.group(1)}', which a weights-only load never "
+                "allows (a weights file does not need it; nothing in the file was run)")
+    opcode = re.search(r"[Uu]nsupported operand (\d+)", message)
+    step = f" (pickle opcode {opcode.group(1)})" if opcode else ""
+    return (f"refused: the weights-only unpickler cannot read it{step}; it is corrupt, not a PyTorch file, or a "
+            "pickle that builds arbitrary objects (nothing in the file was run)")
+
+
+def _read_folder(path: Path) -> RawWeights:
+    folder, notes = path, []
+    if not (folder / "config.json").is_file():
+        if not (path / "vae" / "config.json").is_file():
+            raise VAELoadError(path, "a folder without config.json (and without vae/config.json)",
+                               "a diffusers model folder (config.json + diffusion_pytorch_model.safetensors) "
+                               "or a pipeline folder with a vae/ subfolder")
+        folder = path / "vae"
+        notes.append("read the vae/ subfolder of a pipeline folder")
+    try:
+        config_json = json.loads((folder / "config.json").read_text())
+        if not isinstance(config_json, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, OSError, UnicodeDecodeError) as e:
+        raise VAELoadError(folder / "config.json", f"not a valid config file ({e})", "a diffusers config.json (a JSON object)") from None
+    variants = sorted(folder.glob("diffusion_pytorch_model.*.safetensors")) + sorted(folder.glob("diffusion_pytorch_model.*.bin"))
+    weights = [folder / n for n in WEIGHT_NAMES if (folder / n).is_file()] + variants
+    if not weights:
+        raise VAELoadError(folder, "no weights file next to config.json", f"{WEIGHT_NAMES[0]} (or {WEIGHT_NAMES[1]})")
+    if weights[0].name not in WEIGHT_NAMES:
+        notes.append(f"read the variant weights file {weights[0].name}")
+    raw = _read_safetensors(weights[0]) if weights[0].suffix == ".safetensors" else _read_torch(weights[0])
+    return replace(raw, container="diffusers-folder", config_json=config_json, notes=notes + raw.notes)
