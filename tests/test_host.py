@@ -1,4 +1,4 @@
-"""The pack inside a real ComfyUI server (CPU), driven over HTTP like the browser drives it.
+"""Inspection nodes and the inspect / swap workflows inside a real ComfyUI server (CPU), over HTTP.
 
 Needs a ComfyUI checkout: `COMFYUI_PATH=/path/to/ComfyUI COMFYUI_PYTHON=/its/python pytest tests/test_host.py`.
 Without COMFYUI_PATH every test here is reported as skipped, by name. One server is started for the
@@ -7,187 +7,19 @@ models/vae; it is stopped at the end. The example workflows' API twins are what 
 """
 from __future__ import annotations
 
-import io
 import json
-import os
 
 import numpy as np
 import pytest
-import torch
-from PIL import Image
 
 from host_models import PLANTED_CELL, PLANTED16_CELL
-from host_server import (assert_registered_with_tooltips, API_WORKFLOWS, PACK_FOLDER, WORKFLOWS, HostServer, api_workflow, failed, id_of,
+from host_prompts import core, lv_map, ours, server_still_serves, write_thumbnail
+from host_server import (api_workflow, failed, id_of,
                          images_of, interrupt_after_progress, node_of, status_messages, succeeded)
-from run_cli import ROOT
-from vae_files import reference_model
 
-from vae_fix.images import load_image
 
 NODE_IDS = ("VAEFixLoadVAE", "VAEFixInspectVAE", "VAEFixLogVarianceMap")
 pytestmark = pytest.mark.host
-
-
-TILES = {"tile_size": 64, "overlap": 16, "temporal_size": 64, "temporal_overlap": 8}  # 8-cell tiles, 3 passes
-
-
-def encode_decode(vae_loader: dict, image: str, tiled: bool = False) -> dict:
-    """Core VAE Encode → VAE Decode (or VAE Decode (Tiled)) → Save Image, with the given loader."""
-    dec, extra = ("VAEDecodeTiled", TILES) if tiled else ("VAEDecode", {})
-    return {
-        "1": vae_loader,
-        "2": {"class_type": "LoadImage", "inputs": {"image": image}},
-        "3": {"class_type": "VAEEncode", "inputs": {"pixels": ["2", 0], "vae": ["1", 0]}},
-        "4": {"class_type": dec, "inputs": {"samples": ["3", 0], "vae": ["1", 0], **extra}},
-        "5": {"class_type": "SaveImage", "inputs": {"images": ["4", 0], "filename_prefix": "roundtrip"}},
-    }
-
-
-def ours(name: str, dtype: str = "auto") -> dict:
-    return {"class_type": "VAEFixLoadVAE", "inputs": {"vae_name": name, "dtype": dtype}}
-
-
-def core(name: str) -> dict:
-    return {"class_type": "VAELoader", "inputs": {"vae_name": name}}
-
-
-# ---------------------------------------------------------------- registration
-
-def test_every_node_is_registered_with_tooltips(host):
-    assert_registered_with_tooltips(host.get_json("/object_info"), NODE_IDS, PACK_FOLDER)
-
-
-def test_pack_imported_without_errors(host):
-    pack_lines = [line for line in host.log().splitlines() if PACK_FOLDER in line]
-    assert any("seconds" in line and "IMPORT FAILED" not in line for line in pack_lines), "pack missing from import times"
-    bad = [line for line in pack_lines if "IMPORT FAILED" in line or "Cannot import" in line or "Error while calling" in line]
-    assert not bad, "\n".join(bad)
-
-
-def test_help_pages_are_served_where_the_frontend_looks(host):
-    for node_id in NODE_IDS:  # the frontend fetches /extensions/<pack folder>/docs/<node id>.md
-        page = host.get(f"/extensions/{PACK_FOLDER}/docs/{node_id}.md").decode()
-        assert page == (ROOT / "web" / "docs" / f"{node_id}.md").read_text()
-
-
-def test_example_workflows_are_templates(host):
-    listed = host.get_json("/api/workflow_templates")
-    names = sorted(p.stem for p in WORKFLOWS.glob("*.json"))
-    assert sorted(listed.get(PACK_FOLDER, [])) == names, listed  # the UI workflows, and nothing else
-    for name in names:
-        ui = json.loads(host.get(f"/api/workflow_templates/{PACK_FOLDER}/{name}.json"))
-        assert ui["nodes"] and ui["links"]
-        thumb = Image.open(io.BytesIO(host.get(f"/api/workflow_templates/{PACK_FOLDER}/{name}.jpg")))
-        assert thumb.format == "JPEG" and min(thumb.size) >= 64
-
-
-def ui_to_api(ui: dict, object_info: dict) -> dict:
-    """What the frontend queues for a UI-format workflow: links by node id and widget values by name."""
-    links = {l[0]: l for l in ui["links"]}
-    prompt = {}
-    for node in ui["nodes"]:
-        if node.get("mode", 0) != 0 or node["type"] not in object_info:
-            continue
-        spec = object_info[node["type"]]
-        inputs = {i["name"]: [str(links[i["link"]][1]), links[i["link"]][2]] for i in node.get("inputs", []) if i.get("link") is not None}
-        values = list(node.get("widgets_values", []))
-        for section in ("required", "optional"):
-            for name in spec["input_order"].get(section, []):
-                kind, options = (spec["input"][section][name] + [{}])[:2]
-                widget = isinstance(kind, list) or kind in ("COMBO", "INT", "FLOAT", "STRING", "BOOLEAN")
-                if name in inputs or not widget or options.get("forceInput"):
-                    continue
-                inputs[name] = values.pop(0)
-                if options.get("control_after_generate"):
-                    values.pop(0)  # the "fixed/randomize" widget the frontend adds after a seed
-                if options.get("image_upload"):
-                    values.pop(0)  # the upload button's placeholder value
-        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
-    return prompt
-
-
-def test_ui_workflows_match_their_api_twins(host):
-    info = host.get_json("/object_info")
-    for ui_path in sorted(WORKFLOWS.glob("*.json")):
-        ui = json.loads(ui_path.read_text())
-        twin = json.loads((API_WORKFLOWS / ui_path.name).read_text())
-        assert ui_to_api(ui, info) == twin, f"{ui_path.name} and its API twin differ"
-
-
-# ---------------------------------------------------------------- the strict loader
-
-def test_loader_lists_files_and_diffusers_folders(host):
-    options = host.get_json("/object_info/VAEFixLoadVAE")["VAEFixLoadVAE"]["input"]["required"]["vae_name"][1]["options"]
-    assert "diffusers_sd/" in options and "tiny_sd.safetensors" in options and "full_sd.safetensors" in options
-    assert not any(o.startswith("diffusers_sd/") and o != "diffusers_sd/" for o in options), "weights inside a folder listed twice"
-
-
-@pytest.mark.parametrize("tiled", [False, True], ids=["plain", "tiled"])
-def test_loader_vae_is_a_drop_in_for_core_vae(host, tiled):
-    """Same file, core's Load VAE vs ours, through core VAE Encode/Decode: identical pictures."""
-    pictures = []
-    for loader in (core("full_sd.safetensors"), ours("full_sd.safetensors")):
-        outputs = succeeded(host.run(encode_decode(loader, "gradient64.png" if tiled else "gradient.png", tiled)))
-        pictures.append(images_of(host, outputs, "5")[0])
-    assert pictures[0].shape == ((64, 64, 3) if tiled else (128, 128, 3))
-    assert np.array_equal(pictures[0], pictures[1])
-
-
-@pytest.mark.parametrize("name,family,seed", [("tiny_sd.safetensors", "sd", 0), ("tiny_sd3_16ch.safetensors", "sd3", 3),
-                                              ("diffusers_sd/", "sd", 1)])
-def test_loader_builds_other_layouts_exactly(host, name, family, seed):
-    """Widths core cannot guess (and 16 channels without quant convs) decode as the reference model does."""
-    outputs = succeeded(host.run(encode_decode(ours(name), "gradient.png")))
-    got = images_of(host, outputs, "5")[0].astype(np.float32) / 255
-    model = reference_model(family, seed=seed)
-    x = load_image(host.input_dir / "gradient.png")
-    with torch.no_grad():
-        want = ((model.decode(model.encode(x * 2 - 1)) + 1) / 2).clamp(0, 1)[0].permute(1, 2, 0).numpy()
-    assert got.shape == want.shape
-    assert np.abs(got - want).max() <= 1.5 / 255  # PNG rounding only
-
-
-def test_loader_info_and_dtype(host):
-    prompt = {"1": ours("diffusers_sd/", "fp16"), "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 1]}}}
-    outputs = succeeded(host.run(prompt))
-    info = json.loads(outputs["2"]["text"][0])
-    assert info["layout"] == "diffusers" and info["container"] == "diffusers-folder"
-    assert info["latent_channels"] == 4 and info["comfyui"]["dtype"] == "float16"
-    assert any("diffusers" in note for note in info["notes"])
-
-
-# ---------------------------------------------------------------- bad inputs: node errors, server keeps going
-
-def server_still_serves(host: HostServer) -> None:
-    assert host.alive()
-    assert "system" in host.get_json("/system_stats")
-    succeeded(host.run(encode_decode(ours("tiny_sd.safetensors"), "gradient.png")))
-
-
-def test_truncated_file_is_a_clear_node_error(host):
-    err = failed(host.run(encode_decode(ours("truncated.safetensors"), "gradient.png")))
-    assert err["node_type"] == "VAEFixLoadVAE" and err["exception_type"].endswith("VAELoadError")
-    assert "truncated.safetensors" in err["exception_message"] and "truncated" in err["exception_message"]
-    server_still_serves(host)
-
-
-def test_missing_keys_refused_where_core_runs_half_loaded(host):
-    succeeded(host.run(encode_decode(core("missing_keys.safetensors"), "gradient.png")))
-    assert "Missing VAE keys" in host.log()  # core only warns and decodes with unset weights
-    err = failed(host.run(encode_decode(ours("missing_keys.safetensors"), "gradient.png")))
-    assert "missing" in err["exception_message"] and "decoder.up.0.block.1.conv2.weight" in err["exception_message"]
-    server_still_serves(host)
-
-
-# ---------------------------------------------------------------- log-variance maps
-
-def lv_map(vae: dict, image: str, **widgets) -> dict:
-    inputs = {"value": "log-variance (raw)", "show": "lowest over channels", "channel": 0, "colormap": "magma",
-              "range_mode": "percentile", "low": 1.0, "high": 99.0, "colorbar": False, "size_policy": "crop"}
-    inputs.update(widgets)
-    return {"1": vae, "2": {"class_type": "LoadImage", "inputs": {"image": image}},
-            "3": {"class_type": "VAEFixLogVarianceMap", "inputs": {"vae": ["1", 0], "image": ["2", 0], **inputs}},
-            "4": {"class_type": "PreviewAny", "inputs": {"source": ["3", 1]}}}
 
 
 @pytest.mark.parametrize("loader,name,cell_px", [(ours, "planted_sd", 4), (ours, "full_sd", 8), (core, "full_sd", 8)],
@@ -259,15 +91,6 @@ def test_long_inspect_shows_progress_and_stops_on_interrupt(host):
 
 INSPECT = "vae_fix_inspect_black_holes"
 SWAP = "vae_fix_swap_vae_sd15_txt2img"
-
-
-def write_thumbnail(name: str, picture: np.ndarray, min_side: int = 256) -> None:
-    """With VAEFIX_WRITE_THUMBNAILS=1, the picture a workflow produced becomes its template thumbnail."""
-    if not os.environ.get("VAEFIX_WRITE_THUMBNAILS"):
-        return
-    im = Image.fromarray(picture)
-    zoom = max(1, -(-min_side // min(im.size)))
-    im.resize((im.width * zoom, im.height * zoom), Image.NEAREST).save(WORKFLOWS / f"{name}.jpg", quality=90)
 
 
 @pytest.mark.parametrize("name,cell", [("planted_sd", PLANTED_CELL), ("planted_16ch", PLANTED16_CELL), ("full_sd", PLANTED_CELL)])

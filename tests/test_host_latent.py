@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 
 from host_models import CLEAN, IMAGE, SMUGGLER, SMUGGLER_CELL, WIDE
-from host_server import (assert_registered_with_tooltips, PACK_FOLDER, WORKFLOWS, HostServer, api_workflow, failed, id_of,
-                         images_of, interrupt_after_progress, status_messages, succeeded)
+from host_prompts import (channel_edit, encoded, preview_text, save_latent, saved_latent, text_of)
+from host_server import (assert_registered_with_tooltips, PACK_FOLDER, WORKFLOWS, api_workflow, id_of,
+                         images_of, succeeded)
 from run_cli import ROOT
 
 from vae_fix.latent_preview import family_preview
@@ -27,85 +27,6 @@ NODE_IDS = ("VAEFixLatentChannelEdit", "VAEFixLatentStatistics", "VAEFixLatentRe
             "VAEFixLatentPreviewRGB", "VAEFixRepairLatent", "VAEFixCompareVAEs")
 pytestmark = pytest.mark.host
 
-
-def text_of(outputs: dict, node_id: str) -> str:
-    return outputs[node_id]["text"][0]
-
-
-def saved_latent(server: HostServer, outputs: dict, node_id: str) -> torch.Tensor:
-    """The samples a core Save Latent node wrote (`[B, C, h, w]`, raw VAE space)."""
-    item = outputs[node_id]["latents"][0]
-    return load_file(str(server.output_file(item)))["latent_tensor"]
-
-
-def preview_text(source: list) -> dict:
-    return {"class_type": "PreviewAny", "inputs": {"source": source}}
-
-
-def save_latent(source: list, prefix: str) -> dict:
-    return {"class_type": "SaveLatent", "inputs": {"samples": source, "filename_prefix": f"latents/{prefix}"}}
-
-
-def ours(name: str) -> dict:
-    return {"class_type": "VAEFixLoadVAE", "inputs": {"vae_name": name, "dtype": "auto"}}
-
-
-def load_image(name: str) -> dict:
-    return {"class_type": "LoadImage", "inputs": {"image": name}}
-
-
-def encode(pixels: list, vae: list) -> dict:
-    return {"class_type": "VAEEncode", "inputs": {"pixels": pixels, "vae": vae}}
-
-
-EDIT_DEFAULTS = {"operation": "scale (x factor)", "channels": "all", "factor": 1.0, "offset": 0.0, "low": -4.0,
-                 "high": 4.0, "limit": 3.0, "mean": 0.0, "std": 1.0, "target": "", "batch": "all"}
-
-
-def channel_edit(latent: list, **widgets) -> dict:
-    return {"class_type": "VAEFixLatentChannelEdit", "inputs": {"latent": latent, **EDIT_DEFAULTS, **widgets}}
-
-
-REACH_DEFAULTS = {"mode": "median", "factor": 2.0, "window": 3, "index": 0, "blocks": 3, "top": 5, "colormap": "inferno"}
-CELL_DEFAULTS = {"cells": "", "mode": "median", "factor": 2.0, "window": 3, "index": 0, "batch_size": 4, "colormap": "inferno"}
-
-
-def reach_map(vae: list, latent: list, **widgets) -> dict:
-    return {"class_type": "VAEFixLatentReachMap", "inputs": {"vae": vae, "latent": latent, **REACH_DEFAULTS, **widgets}}
-
-
-def cell_reach(vae: list, latent: list, **widgets) -> dict:
-    return {"class_type": "VAEFixLatentCellReach", "inputs": {"vae": vae, "latent": latent, **CELL_DEFAULTS, **widgets}}
-
-
-REPAIR_DEFAULTS = {"source": "auto", "posterior_threshold": 5.0, "latent_threshold": 8.0, "window": 3, "measure_cells": 8,
-                   "fast_map": True}
-COMPARE_DEFAULTS = {"name_a": "A", "name_b": "B", "window": 3, "reach": True, "size_policy": "crop", "colormap": "magma"}
-
-
-def repair_node(vae: list, latent: list, **widgets) -> dict:
-    return {"class_type": "VAEFixRepairLatent", "inputs": {"vae": vae, "latent": latent, **REPAIR_DEFAULTS, **widgets}}
-
-
-def compare_node(vae_a: list, vae_b: list, image: list, **widgets) -> dict:
-    return {"class_type": "VAEFixCompareVAEs", "inputs": {"vae_a": vae_a, "vae_b": vae_b, "image": image,
-                                                          **COMPARE_DEFAULTS, **widgets}}
-
-
-def encoded(vae_name: str, image: str, *extra_nodes: tuple[str, dict]) -> dict:
-    """Load VAE (strict) "1" → Load Image "2" → VAE Encode "3", plus the given nodes."""
-    prompt = {"1": ours(vae_name), "2": load_image(image), "3": encode(["2", 0], ["1", 0])}
-    prompt.update(dict(extra_nodes))
-    return prompt
-
-
-def server_still_serves(host: HostServer) -> None:
-    assert host.alive()
-    prompt = encoded(CLEAN, IMAGE, ("4", save_latent(["3", 0], "alive")))
-    succeeded(host.run(prompt))
-
-
-# ---------------------------------------------------------------- registration and help
 
 def test_latent_nodes_are_registered_with_tooltips(host):
     assert_registered_with_tooltips(host.get_json("/object_info"), NODE_IDS, PACK_FOLDER)
@@ -380,84 +301,3 @@ def test_compare_vaes_with_different_channel_counts(host):
 
 
 # ---------------------------------------------------------------- bad inputs: node errors, server keeps going
-
-@pytest.mark.parametrize("nodes,node_type,words", [
-    ((("4", channel_edit(["3", 0], channels="5")),), "VAEFixLatentChannelEdit", ("channels", "channel 5", "4 channels")),
-    ((("4", channel_edit(["3", 0], operation="swap with target", channels="0,1", target="1,2")),),
-     "VAEFixLatentChannelEdit", ("target", "overlap")),
-    ((("m", {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 128, "height": 32}}),
-      ("4", channel_edit(["3", 0], operation="zero", mask=["m", 0]))),
-     "VAEFixLatentChannelEdit", ("mask", "aspect")),
-    ((("4", cell_reach(["1", 0], ["3", 0], cells="9,21; 40,3")),), "VAEFixLatentCellReach", ("cells", "(40, 3)", "32x32")),
-    ((("4", reach_map(["1", 0], ["3", 0], window=20)),), "VAEFixLatentReachMap", ("window", "no far field")),
-    ((("4", {"class_type": "VAEFixLatentPreviewRGB", "inputs": {"latent": ["3", 0], "family": "SD3", "scale": 4}}),),
-     "VAEFixLatentPreviewRGB", ("family", "16 channels", "this one has 4")),
-    ((("4", {"class_type": "VAEFixLatentPreviewRGB", "inputs": {"latent": ["3", 0], "family": "fit from the VAE",
-                                                              "scale": 4}}),), "VAEFixLatentPreviewRGB", ("vae",)),
-    ((("4", repair_node(["1", 0], ["3", 0], source="posterior anomalies (needs image)")),), "VAEFixRepairLatent", ("image",)),
-    ((("4", compare_node(["1", 0], ["1", 0], ["2", 0], name_b="A")),), "VAEFixCompareVAEs", ("names", "'A'")),
-], ids=["channel_out_of_range", "swap_overlap", "mask_wrong_shape", "cell_outside", "window_too_large",
-        "preview_wrong_family", "fit_without_vae", "posterior_without_image", "same_names"])
-def test_bad_inputs_are_node_errors(host, nodes, node_type, words):
-    prompt = encoded(CLEAN, IMAGE, *nodes, ("out", preview_text(["4", 0])))
-    err = failed(host.run(prompt))
-    assert err["node_type"] == node_type and err["exception_type"].endswith("InputError")
-    for word in words:
-        assert word in err["exception_message"], err["exception_message"]
-    server_still_serves(host)
-
-
-def test_reach_refuses_a_vae_that_decodes_no_image_latents(host):
-    prompt = {"1": {"class_type": "VAELoader", "inputs": {"vae_name": "pixel_space"}}, "2": load_image(IMAGE),
-              "3": encode(["2", 0], ["1", 0]),
-              "4": reach_map(["1", 0], ["3", 0]),
-              "5": preview_text(["4", 2])}
-    err = failed(host.run(prompt))
-    assert err["node_type"] == "VAEFixLatentReachMap" and "pixel-space" in err["exception_message"]
-    server_still_serves(host)
-
-
-@pytest.mark.parametrize("node", ["repair", "compare"])
-def test_taesd_has_no_posterior_for_repair_and_compare(host, node):
-    prompt = {"1": {"class_type": "VAELoader", "inputs": {"vae_name": "taesd"}}, "2": load_image(IMAGE),
-              "3": encode(["2", 0], ["1", 0]), "b": ours(CLEAN),
-              "4": repair_node(["1", 0], ["3", 0], image=["2", 0]) if node == "repair" else
-              compare_node(["b", 0], ["1", 0], ["2", 0]),
-              "5": preview_text(["4", 2])}
-    err = failed(host.run(prompt))
-    assert err["node_type"] == prompt["4"]["class_type"] and err["exception_type"].endswith("InputError")
-    assert "TAESD" in err["exception_message"] and "no posterior variance" in err["exception_message"]
-    server_still_serves(host)
-
-
-def test_repair_of_latent_outliers_runs_with_taesd(host):
-    """Without an image, cells come from the latent alone: any decoder will do (TAESD here)."""
-    prompt = {"1": {"class_type": "VAELoader", "inputs": {"vae_name": "taesd"}}, "2": load_image(IMAGE),
-              "3": encode(["2", 0], ["1", 0]),
-              "4": repair_node(["1", 0], ["3", 0], fast_map=False), "5": preview_text(["4", 2])}
-    report = json.loads(text_of(succeeded(host.run(prompt)), "5"))
-    assert report["source"] == "latent" and report["latent_shape"] == [1, 4, 16, 16]
-
-
-def test_reach_map_runs_with_taesd(host):
-    """TAESD has no posterior but a decoder: the reach map works on it (gradients through the host's model)."""
-    prompt = {"1": {"class_type": "VAELoader", "inputs": {"vae_name": "taesd"}}, "2": load_image(IMAGE),
-              "3": encode(["2", 0], ["1", 0]),
-              "4": reach_map(["1", 0], ["3", 0], mode="zero", window=2, top=3),
-              "5": preview_text(["4", 2])}
-    report = json.loads(text_of(succeeded(host.run(prompt)), "5"))
-    assert report["latent_size"] == [16, 16] and report["downscale"] == 8 and len(report["top_cells"]) == 3
-    assert report["median"] > 0
-
-
-# ---------------------------------------------------------------- progress and cancel
-
-def test_exact_reach_of_every_cell_shows_progress_and_stops_on_interrupt(host):
-    prompt = encoded(SMUGGLER, IMAGE, ("4", cell_reach(["1", 0], ["3", 0], batch_size=1)), ("5", preview_text(["4", 2])))
-    entry, seen = interrupt_after_progress(host, prompt, "4")
-    messages = status_messages(entry)
-    assert entry["status"]["status_str"] == "error" and "execution_interrupted" in messages
-    assert messages["execution_interrupted"]["node_id"] == "4"
-    assert all(p["max"] == 32 * 32 for p in seen)  # one step per cell
-    assert max(p["value"] for p in seen) < 300, "the run went on long after the interrupt"
-    server_still_serves(host)

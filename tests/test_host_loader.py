@@ -1,0 +1,78 @@
+"""The strict Load VAE inside a real ComfyUI server (CPU): a drop-in for core's loader, layouts
+core cannot build, and broken files refused as node errors while the server keeps serving.
+
+Needs a ComfyUI checkout (`COMFYUI_PATH`, see tests/conftest.py).
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from host_prompts import core, encode_decode, ours, server_still_serves
+from host_server import failed, images_of, succeeded
+from vae_files import reference_model
+
+from vae_fix.images import load_image as read_png
+
+pytestmark = pytest.mark.host
+
+
+def test_loader_lists_files_and_diffusers_folders(host):
+    options = host.get_json("/object_info/VAEFixLoadVAE")["VAEFixLoadVAE"]["input"]["required"]["vae_name"][1]["options"]
+    assert "diffusers_sd/" in options and "tiny_sd.safetensors" in options and "full_sd.safetensors" in options
+    assert not any(o.startswith("diffusers_sd/") and o != "diffusers_sd/" for o in options), "weights inside a folder listed twice"
+
+
+@pytest.mark.parametrize("tiled", [False, True], ids=["plain", "tiled"])
+def test_loader_vae_is_a_drop_in_for_core_vae(host, tiled):
+    """Same file, core's Load VAE vs ours, through core VAE Encode/Decode: identical pictures."""
+    pictures = []
+    for loader in (core("full_sd.safetensors"), ours("full_sd.safetensors")):
+        outputs = succeeded(host.run(encode_decode(loader, "gradient64.png" if tiled else "gradient.png", tiled)))
+        pictures.append(images_of(host, outputs, "5")[0])
+    assert pictures[0].shape == ((64, 64, 3) if tiled else (128, 128, 3))
+    assert pictures[0].std() > 1, "a flat picture would match anything"
+    assert np.array_equal(pictures[0], pictures[1])
+
+
+@pytest.mark.parametrize("name,family,seed", [("tiny_sd.safetensors", "sd", 0), ("tiny_sd3_16ch.safetensors", "sd3", 3),
+                                              ("diffusers_sd/", "sd", 1)])
+def test_loader_builds_other_layouts_exactly(host, name, family, seed):
+    """Widths core cannot guess (and 16 channels without quant convs) decode as the reference model does."""
+    outputs = succeeded(host.run(encode_decode(ours(name), "gradient.png")))
+    got = images_of(host, outputs, "5")[0].astype(np.float32) / 255
+    model = reference_model(family, seed=seed)
+    x = read_png(host.input_dir / "gradient.png")
+    with torch.no_grad():
+        want = ((model.decode(model.encode(x * 2 - 1)) + 1) / 2).clamp(0, 1)[0].permute(1, 2, 0).numpy()
+    assert got.shape == want.shape
+    assert want.std() > 0.01, "the reference decodes a flat picture: the comparison would prove nothing"
+    assert np.abs(got - want).max() <= 1.5 / 255  # PNG rounding only
+
+
+def test_loader_info_and_dtype(host):
+    prompt = {"1": ours("diffusers_sd/", "fp16"), "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 1]}}}
+    outputs = succeeded(host.run(prompt))
+    info = json.loads(outputs["2"]["text"][0])
+    assert info["layout"] == "diffusers" and info["container"] == "diffusers-folder"
+    assert info["latent_channels"] == 4 and info["comfyui"]["dtype"] == "float16"
+    assert any("diffusers" in note for note in info["notes"])
+
+
+def test_truncated_file_is_a_clear_node_error(host):
+    err = failed(host.run(encode_decode(ours("truncated.safetensors"), "gradient.png")))
+    assert err["node_type"] == "VAEFixLoadVAE" and err["exception_type"].endswith("VAELoadError")
+    message = err["exception_message"]
+    assert "truncated.safetensors" in message and "truncated: its header describes" in message  # the file named, then why
+    server_still_serves(host)
+
+
+def test_missing_keys_refused_where_core_runs_half_loaded(host):
+    succeeded(host.run(encode_decode(core("missing_keys.safetensors"), "gradient.png")))
+    assert "Missing VAE keys" in host.log()  # core only warns and decodes with unset weights
+    err = failed(host.run(encode_decode(ours("missing_keys.safetensors"), "gradient.png")))
+    assert "missing" in err["exception_message"] and "decoder.up.0.block.1.conv2.weight" in err["exception_message"]
+    server_still_serves(host)
