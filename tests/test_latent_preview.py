@@ -1,7 +1,13 @@
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
+from vae_fix.cli import main
+from vae_fix.latent_io import write_latent
+
+from run_cli import strict_json
 from vae_fix.errors import InputError
 from vae_fix.families import FAMILIES
 from vae_fix.latent_preview import family_preview, fit_linear, fit_preview, latent_preview, pooled_target
@@ -78,3 +84,40 @@ def test_fit_linear_checks_shapes():
         fit_linear(torch.zeros(1, 4, 4, 4), torch.zeros(1, 3, 2, 2))
     with pytest.raises(InputError, match="usable cells"):
         fit_linear(torch.zeros(1, 4, 1, 2), torch.zeros(1, 3, 1, 2))
+
+
+# ---------------------------------------------------------------- CLI
+
+def test_cli_preview_of_an_sd1_latent_uses_the_sd1_factors(tmp_path):
+    z = torch.randn(2, 4, 16, 12, generator=torch.Generator().manual_seed(0)) / 0.18215
+    out = tmp_path / "prev"
+    assert main(["preview", "--latent", str(write_latent(z, tmp_path / "z.latent")), "--out", str(out),
+                 "--family", "sd1"]) == 0
+    data = strict_json(out / "info.json")
+    assert data["source"] == "sd1" and data["channels"] == 4 and data["r2"] is None
+    torch.testing.assert_close(torch.tensor(data["weight"]), family_preview("sd1").weight)
+    want = family_preview("sd1").image(z, scale=8)
+    for i in range(2):
+        with Image.open(out / f"preview_{i}.png") as im:
+            assert im.size == (12 * 8, 16 * 8)
+            got = torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
+        assert float((got - want[i]).abs().max()) <= 1 / 255 + 1e-6
+
+
+def test_cli_preview_auto_refuses_an_ambiguous_family_without_a_vae(tmp_path, capsys):
+    path = write_latent(torch.randn(1, 4, 8, 8), tmp_path / "z.latent")
+    assert main(["preview", "--latent", str(path), "--out", str(tmp_path / "o")]) == 2
+    assert "Invalid --family: 'auto' cannot choose for 4 channels" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    path16 = write_latent(torch.randn(1, 16, 8, 8), tmp_path / "z16.latent")
+    assert main(["preview", "--latent", str(path16), "--out", str(tmp_path / "o16"), "--family", "flux"]) == 0
+    assert strict_json(tmp_path / "o16" / "info.json")["source"] == "flux"
+
+
+@pytest.mark.parametrize("args,needle", [(["--family", "sd3"], "Invalid --family: sd3 latents have 16 channels"),
+                                         (["--family", "fit"], "Invalid --vae: a fitted preview map needs a VAE")])
+def test_cli_preview_bad_input_exits_2(tmp_path, capsys, args, needle):
+    path = write_latent(torch.randn(1, 4, 8, 8), tmp_path / "z.latent")
+    assert main(["preview", "--latent", str(path), "--out", str(tmp_path / "o"), *args]) == 2
+    assert needle in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -96,17 +96,6 @@ def test_cli_stats_on_a_latent_file(tmp_path, capsys):
     assert (out / "summary.txt").read_text().strip() in printed
 
 
-def test_cli_preview_uses_the_family_factors(tmp_path):
-    z = torch.randn(2, 4, 16, 12, generator=torch.Generator().manual_seed(0)) / 0.18215
-    path = write_latent(z, tmp_path / "z.latent")
-    out = tmp_path / "prev"
-    assert main(["preview", "--latent", str(path), "--out", str(out), "--family", "sd1"]) == 0
-    data = json.loads((out / "info.json").read_text())
-    assert data["source"] == "sd1"
-    with Image.open(out / "preview_1.png") as im:
-        assert im.size == (12 * 8, 16 * 8)
-
-
 def test_cli_stats_reads_comfyui_latent_files(tmp_path):
     z = torch.randn(1, 4, 8, 8)
     save_file({"latent_tensor": z * 0.18215}, str(tmp_path / "old.latent"))  # pre-version SD1 file
@@ -115,23 +104,10 @@ def test_cli_stats_reads_comfyui_latent_files(tmp_path):
     assert read_latent(tmp_path / "plain.safetensors").shape == (1, 4, 8, 8)
 
 
-def test_cli_preview_auto_refuses_an_ambiguous_family_without_a_vae(tmp_path, capsys):
+def test_cli_stats_too_few_bins_exits_2(tmp_path, capsys):
     path = write_latent(torch.randn(1, 4, 8, 8), tmp_path / "z.latent")
-    assert main(["preview", "--latent", str(path), "--out", str(tmp_path / "o")]) == 2
-    assert "Invalid --family: 'auto' cannot choose for 4 channels" in capsys.readouterr().err
-    assert not (tmp_path / "o").exists()
-    path16 = write_latent(torch.randn(1, 16, 8, 8), tmp_path / "z16.latent")
-    assert main(["preview", "--latent", str(path16), "--out", str(tmp_path / "o16"), "--family", "flux"]) == 0
-
-
-@pytest.mark.parametrize("args,needle", [
-    (["preview", "--family", "sd3"], "Invalid --family: sd3 latents have 16 channels"),
-    (["stats", "--bins", "1"], "Invalid --bins"),
-])
-def test_cli_bad_input_exits_2(tmp_path, capsys, args, needle):
-    path = write_latent(torch.randn(1, 4, 8, 8), tmp_path / "z.latent")
-    assert main([args[0], "--latent", str(path), "--out", str(tmp_path / "o"), *args[1:]]) == 2
-    assert needle in capsys.readouterr().err
+    assert main(["stats", "--latent", str(path), "--out", str(tmp_path / "o"), "--bins", "1"]) == 2
+    assert "Invalid --bins" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 

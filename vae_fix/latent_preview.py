@@ -140,13 +140,13 @@ def choose_family(channels: int, family: str, can_fit: bool, input_name: str = "
     return fam
 
 
-def latent_preview(z: torch.Tensor, family: str = "auto", codec: Optional[Codec] = None, scale: int = 8, *,
-                   family_input: str = "family", vae_input: str = "vae") -> PreviewResult:
+def latent_preview(z: torch.Tensor, family: str = "auto", codec: Optional[Codec] = None,
+                   scale: int = 8) -> PreviewResult:
     """RGB previews of `z [B, C, h, w]`: a family's published map (`family`: a name, "auto" or "fit"),
     or a map fitted from one decode of the first latent by `codec`."""
     check_latent(z)
-    fam = choose_family(z.shape[1], family, codec is not None, family_input)
+    fam = choose_family(z.shape[1], family, codec is not None)
     if fam is None and codec is None:
-        raise InputError(vae_input, "a fitted preview map needs a VAE to decode with", "a VAE, or a family name")
+        raise InputError("vae", "a fitted preview map needs a VAE to decode with", "a VAE, or a family name")
     linear = family_preview(fam) if fam is not None else fit_preview(z, codec.need_decoder())
     return PreviewResult(linear, linear.image(z, scale))

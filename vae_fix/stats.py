@@ -84,11 +84,11 @@ class StatsResult(Result):
         return {"histogram": self.histogram}
 
 
-def latent_statistics(z: torch.Tensor, *, bins: int = 64, clip_percentile: float = 0.5, columns: int = 4,
-                      bins_input: str = "bins") -> StatsResult:
+def latent_statistics(z: torch.Tensor, *, bins: int = 64, clip_percentile: float = 0.5,
+                      columns: int = 4) -> StatsResult:
     """Statistics of `z [B, C, h, w]` over the whole batch and a histogram picture (see `histogram_image`)."""
     if bins < 2:
-        raise InputError(bins_input, f"{bins}", "at least 2")
+        raise InputError("bins", f"{bins}", "at least 2")
     return StatsResult(channel_stats(z), histogram_image(z, bins, clip_percentile, columns))
 
 

@@ -23,4 +23,4 @@ def run(args) -> int:
 
     codec = load_codec(args)
     z, _ = latent_and_image(args, codec)
-    return finish(latent_preview(z, args.family, codec, args.scale, family_input="--family", vae_input="--vae"), args)
+    return finish(latent_preview(z, args.family, codec, args.scale), args)

@@ -23,6 +23,5 @@ def run(args) -> int:
     from ..stats import latent_statistics
 
     z, _ = latent_and_image(args, load_codec(args), allow_nonfinite=True)  # non-finite values are counted
-    result = latent_statistics(z, bins=args.bins, clip_percentile=args.clip_percentile, columns=args.columns,
-                               bins_input="--bins")
+    result = latent_statistics(z, bins=args.bins, clip_percentile=args.clip_percentile, columns=args.columns)
     return finish(result, args)
