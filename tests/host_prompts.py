@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from host_models import IMAGE
 from host_server import WORKFLOWS, HostServer, succeeded
 
 # ---------------------------------------------------------------- core nodes
@@ -108,7 +109,7 @@ def fed_by(prompt: dict, class_type: str, source: str, slot: int) -> str:
     return found[0]
 
 
-def use_models(prompt: dict, vae: str, image: str) -> dict:
+def use_models(prompt: dict, vae: str, image: str = IMAGE) -> dict:
     """The workflow as shipped, with the tests' files in place of the user's."""
     for node in prompt.values():
         if node["class_type"] == "VAEFixLoadVAE":

@@ -8,16 +8,14 @@ module in its own base directory, with VAEs and a tiny SD1.5-layout checkpoint b
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from host_models import CLEAN, IMAGE, SMUGGLER, SMUGGLER_CELL, WIDE
-from host_prompts import (channel_edit, encoded, preview_text, save_latent, saved_latent, text_of)
-from host_server import (assert_registered_with_tooltips, PACK_FOLDER, WORKFLOWS, api_workflow, id_of,
+from host_prompts import (fed_by, use_models, cpu_sized, write_thumbnail, channel_edit, encoded, preview_text, save_latent, saved_latent, text_of)
+from host_server import (assert_registered_with_tooltips, PACK_FOLDER, api_workflow, id_of,
                          images_of, succeeded)
 from run_cli import ROOT
 
@@ -38,30 +36,7 @@ def test_latent_help_pages_are_served(host):
         assert page == (ROOT / "web" / "docs" / f"{node_id}.md").read_text()
 
 
-def write_thumbnail(name: str, picture: np.ndarray, min_side: int = 256) -> None:
-    """With VAEFIX_WRITE_THUMBNAILS=1, the picture a workflow produced becomes its template thumbnail."""
-    if not os.environ.get("VAEFIX_WRITE_THUMBNAILS"):
-        return
-    im = Image.fromarray(picture)
-    zoom = max(1, -(-min_side // min(im.size)))
-    im.resize((im.width * zoom, im.height * zoom), Image.NEAREST).save(WORKFLOWS / f"{name}.jpg", quality=90)
 
-
-def fed_by(prompt: dict, class_type: str, source: str, slot: int) -> str:
-    """The id of the one `class_type` node whose input is output `slot` of node `source`."""
-    found = [k for k, n in prompt.items() if n["class_type"] == class_type and [source, slot] in n["inputs"].values()]
-    assert len(found) == 1, f"expected one {class_type} fed by {source}:{slot}"
-    return found[0]
-
-
-def use_models(prompt: dict, vae: str, image: str = IMAGE) -> dict:
-    """The workflow as shipped, with the tests' files in place of the user's."""
-    for node in prompt.values():
-        if node["class_type"] == "VAEFixLoadVAE":
-            node["inputs"]["vae_name"] = vae
-        elif node["class_type"] == "LoadImage":
-            node["inputs"]["image"] = image
-    return prompt
 
 
 # ---------------------------------------------------------------- workflow: find the cell that smuggles
@@ -99,17 +74,6 @@ def test_find_workflow_points_at_the_smuggling_cell(host):
 
 EDIT = "vae_fix_edit_channels_sd15_txt2img"
 
-
-def cpu_sized(prompt: dict, checkpoint: str) -> dict:
-    """The text-to-image graph as shipped, with the tiny checkpoint, 128 px and 3 steps (CPU)."""
-    for node in prompt.values():
-        if node["class_type"] == "CheckpointLoaderSimple":
-            node["inputs"]["ckpt_name"] = checkpoint
-        elif node["class_type"] == "EmptyLatentImage":
-            node["inputs"].update(width=128, height=128)
-        elif node["class_type"] == "KSampler":
-            node["inputs"]["steps"] = 3
-    return prompt
 
 
 def test_edit_workflow_changes_exactly_the_chosen_channel(host, tiny_sd15):
