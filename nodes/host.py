@@ -81,6 +81,20 @@ def vae_path(name: str) -> str:
                      "a .safetensors/.ckpt/.pt/.pth/.bin file or a diffusers folder (config.json + weights) in models/vae")
 
 
+def new_vae_path(filename: str) -> str:
+    """Where a new VAE named `filename` goes in models/vae; InputError for an empty name, a name that
+    leaves the folder, or one that already exists (nothing there is ever replaced)."""
+    root = os.path.realpath(folder_paths.get_folder_paths(VAE_FOLDER)[0])
+    name = filename.strip().rstrip("/")
+    path = os.path.realpath(os.path.join(root, name))
+    expected = "a new name inside models/vae, e.g. my_vae.safetensors (CompVis) or my_vae_diffusers (a folder)"
+    if not name or os.path.isabs(name) or path == root or os.path.commonpath([root, path]) != root:
+        raise InputError(f"filename '{filename}'", "it does not name a new file inside models/vae", expected)
+    if os.path.lexists(path):
+        raise InputError(f"filename '{filename}'", "it already exists in models/vae (nothing is replaced)", expected)
+    return path
+
+
 def path_fingerprint(path: str) -> tuple:
     """Changes when the file (or any file of a folder) is replaced, so a cached VAE is reloaded."""
     paths = [path] if os.path.isfile(path) else [os.path.join(path, f) for f in sorted(os.listdir(path))]

@@ -1,25 +1,23 @@
-"""`python -m vae_fix convert`: exit codes, messages, outputs (via subprocess and via cli.main)."""
-import os
+"""Converting and checking VAE files: `convert_vae`, and the `convert` / `check` commands' exit codes,
+messages and outputs (via subprocess and via cli.main)."""
+import json
 import pickle
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from run_cli import run_cli
 from vae_fix import cli
+from vae_fix.convert import ConvertResult, convert_vae
+from vae_fix.errors import InputError, VAELoadError
 from vae_fix.loader import read_vae
-from vae_files import write_vae
-
-ROOT = Path(__file__).resolve().parents[1]
+from vae_files import RunsShell, write_vae
 
 
 def convert(*args):
     """Run the real CLI in a fresh interpreter."""
-    return subprocess.run([sys.executable, "-m", "vae_fix", "convert", *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    return run_cli("convert", *args)
 
 
 def test_subprocess_round_trip_is_bit_exact(tmp_path):
@@ -47,14 +45,6 @@ def test_subprocess_bad_input_exits_2_without_traceback(tmp_path):
 def test_subprocess_usage_error_exits_2(tmp_path):
     result = convert("--vae", "x.safetensors", "--to", "onnx", "--out", tmp_path / "o")
     assert result.returncode == 2 and "invalid choice" in result.stderr and "Traceback" not in result.stderr
-
-
-class RunsShell:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch '{self.marker}'",))
 
 
 def test_subprocess_refuses_code_running_pickle(tmp_path):
@@ -125,3 +115,70 @@ def test_main_reports_damaged_input(tmp_path, capsys, damage):
     assert code == 2 and src.name in err
     assert ("truncated" if damage == "truncate" else "decoder.conv_in.bias (1 NaN, 0 inf)") in err
     assert not (tmp_path / "o").exists()
+
+
+def test_main_json_tells_what_was_read_and_written(tmp_path, capsys):
+    src = write_vae(tmp_path, "sd3", "compvis")
+    code, out, err = run_main(capsys, "--vae", src, "--to", "diffusers", "--out", tmp_path / "d", "--json")
+    assert code == 0, err
+    data = json.loads(out)  # nothing but the JSON on stdout
+    assert data["read"]["layout"] == "compvis" and data["read"]["latent_channels"] == 16
+    assert data["wrote"]["layout"] == "diffusers" and data["wrote"]["path"] == str(tmp_path / "d")
+    assert sorted(data["wrote"]["files"]) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    assert data["wrote"]["tensors"] == data["read"]["tensors"] and data["wrote"]["bytes"] > 0
+
+
+# ---------------------------------------------------------------- the engine call
+
+def test_convert_vae_result_and_bit_exact_round_trip(tmp_path):
+    src = write_vae(tmp_path, "sdxl", "diffusers", "folder", seed=4)
+    seen = []
+    result = convert_vae(src, "compvis", tmp_path / "c.safetensors", metadata={"license": "x"}, on_read=seen.append)
+    assert isinstance(result, ConvertResult) and seen == [result.source]
+    assert result.written == tmp_path / "c.safetensors" and result.to_json()["wrote"]["files"] == ["c.safetensors"]
+    lines = result.summary().splitlines()
+    assert lines[0].startswith(f"read   {src}: diffusers layout (diffusers-folder)")
+    assert lines[-1].startswith(f"wrote  {tmp_path / 'c.safetensors'}: compvis layout")
+    back = read_vae(result.written)
+    assert back.metadata["license"] == "x" and back.extra_config == {"scaling_factor": 0.18215}
+    original = read_vae(src).state_dict
+    assert set(back.state_dict) == set(original)
+    assert all(torch.equal(back.state_dict[k], original[k]) for k in original)
+
+
+def test_convert_vae_checks_the_output_before_reading(tmp_path):
+    missing = tmp_path / "nope.safetensors"  # not read: the output is refused first
+    with pytest.raises(InputError, match="Invalid filename: .*does not end in .safetensors"):
+        convert_vae(missing, "compvis", tmp_path / "out", out_name="filename")
+    (tmp_path / "taken.safetensors").write_bytes(b"keep")
+    with pytest.raises(InputError, match="already exists.*overwrite=True"):
+        convert_vae(missing, "compvis", tmp_path / "taken.safetensors")
+    with pytest.raises(InputError, match="'onnx' is not a layout"):
+        convert_vae(missing, "onnx", tmp_path / "x.safetensors")
+    with pytest.raises(VAELoadError, match="no such file"):
+        convert_vae(missing, "diffusers", tmp_path / "new")
+    assert (tmp_path / "taken.safetensors").read_bytes() == b"keep" and not (tmp_path / "new").exists()
+
+
+# ---------------------------------------------------------------- python -m vae_fix check
+
+@pytest.mark.parametrize("family,layout,container,channels,want_layout", [
+    ("sd3", "diffusers", "folder", 16, "diffusers"), ("retrained8", "checkpoint", "ckpt", 8, "compvis")])
+def test_check_prints_the_node_info(tmp_path, family, layout, container, channels, want_layout):
+    src = write_vae(tmp_path, family, layout, container)
+    result = run_cli("check", "--vae", src, "--json")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info == json.loads(json.dumps(read_vae(src).info()))  # the same info as Load VAE (strict)
+    assert (info["latent_channels"], info["layout"], info["downscale"]) == (channels, want_layout, 4)
+    text = run_cli("check", "--vae", src)
+    assert text.returncode == 0 and f"{channels}-channel KL VAE" in text.stdout
+    assert f"{want_layout} layout" in text.stdout and "note:" in text.stdout
+
+
+def test_check_of_a_truncated_file_exits_2_naming_it(tmp_path):
+    src = write_vae(tmp_path, "sd")
+    src.write_bytes(src.read_bytes()[:3000])
+    result = run_cli("check", "--vae", src, "--json")
+    assert result.returncode == 2 and result.stdout == ""
+    assert src.name in result.stderr and "truncated" in result.stderr and "Traceback" not in result.stderr

@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -188,3 +189,23 @@ def reference_model(family: str = "sd", small: bool = True, seed: int = 0, **ove
     model = AutoencoderKL(infer_config(sd)).eval()
     model.load_state_dict(sd)
     return model
+
+
+class RunsShell:
+    """Pickles into a call of os.system that touches `marker`: proof that a load ran code."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch '{self.marker}'",))
+
+
+class OpensFile:
+    """Pickles into `open(marker, "w")`: a builtin call, not an import, that must be refused too."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))

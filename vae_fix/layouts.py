@@ -29,17 +29,17 @@ _DIFFUSERS_MARK = re.compile(r"^(encoder|decoder)\.(down_blocks|up_blocks|mid_bl
 _COMPVIS_MARK = re.compile(r"^(encoder|decoder)\.(down\.\d+|up\.\d+|mid|norm_out)\.")
 _ATTN_WEIGHT = re.compile(r"\.(attn_1|attn\.\d+)\.(q|k|v|proj_out)\.weight$")
 
-# Names inside one block, (diffusers, CompVis); the first diffusers spelling is the one written.
-_RESNET_PARTS = [
-    ("conv_shortcut.", "nin_shortcut."),
-    ("spatial_res_block.conv_shortcut.", "nin_shortcut."),
-    ("spatial_res_block.", ""),
+# Every mapping is written once, diffusers → CompVis, and read backwards for CompVis → diffusers.
+# Names inside one block; where several diffusers spellings map to one CompVis name, the first is written.
+_RESNET_PARTS = [("conv_shortcut.", "nin_shortcut.")]
+_TEMPORAL_PARTS = [  # SVD's video decoder: the temporal half of each resnet
     ("temporal_res_block.norm1.", "time_stack.in_layers.0."),
     ("temporal_res_block.conv1.", "time_stack.in_layers.2."),
     ("temporal_res_block.norm2.", "time_stack.out_layers.0."),
     ("temporal_res_block.conv2.", "time_stack.out_layers.3."),
     ("time_mixer.mix_factor", "mix_factor"),
 ]
+_SPATIAL = "spatial_res_block."  # ... and diffusers' name for its 2-D half (no CompVis counterpart)
 _ATTN_PARTS = [
     ("group_norm.", "norm."),
     ("to_q.", "q."), ("query.", "q."),
@@ -47,6 +47,27 @@ _ATTN_PARTS = [
     ("to_v.", "v."), ("value.", "v."),
     ("to_out.0.", "proj_out."), ("proj_attn.", "proj_out."),
 ]
+# Blocks below `encoder.`/`decoder.`: {i} level, {j} block. diffusers numbers up blocks deepest first.
+_BLOCKS = [
+    ("down_blocks.{i}.resnets.{j}.", "down.{i}.block.{j}.", _RESNET_PARTS),
+    ("down_blocks.{i}.attentions.{j}.", "down.{i}.attn.{j}.", _ATTN_PARTS),
+    ("down_blocks.{i}.downsamplers.0.", "down.{i}.downsample.", ()),
+    ("up_blocks.{i}.resnets.{j}.", "up.{i}.block.{j}.", _RESNET_PARTS),
+    ("up_blocks.{i}.attentions.{j}.", "up.{i}.attn.{j}.", _ATTN_PARTS),
+    ("up_blocks.{i}.upsamplers.0.", "up.{i}.upsample.", ()),
+    ("mid_block.resnets.0.", "mid.block_1.", _RESNET_PARTS),
+    ("mid_block.resnets.1.", "mid.block_2.", _RESNET_PARTS),
+    ("mid_block.attentions.0.", "mid.attn_1.", _ATTN_PARTS),
+    ("conv_norm_out.", "norm_out.", ()),
+    ("time_conv_out.", "conv_out.time_mix_conv.", ()),
+]
+
+
+def _template_regex(template: str) -> re.Pattern:
+    return re.compile(re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{j\}", r"(?P<j>\d+)"))
+
+
+_BLOCK_REGEX = {t: _template_regex(t) for rule in _BLOCKS for t in rule[:2]}
 
 
 # ---------------------------------------------------------------- detection and prefixes
@@ -65,12 +86,6 @@ def vae_prefixes(keys) -> list[str]:
     """Every prefix under which encoder or decoder weights appear (normally exactly one)."""
     keys = list(keys)
     return [p for p in PREFIXES if any(k.startswith((p + "encoder.", p + "decoder.")) for k in keys)]
-
-
-def find_prefix(keys) -> str | None:
-    """The prefix the VAE lives under ('first_stage_model.', 'vae.' or ''), or None if there is no VAE."""
-    found = vae_prefixes(keys)
-    return found[0] if found else None
 
 
 def split_vae_keys(sd: Mapping[str, torch.Tensor], prefix: str) -> tuple[dict, list[str]]:
@@ -116,108 +131,75 @@ def to_compvis(sd: Mapping[str, torch.Tensor], source: str = "<state dict>") -> 
     return vae, ("compvis" if layout == "unknown" else layout), prefix, ignored
 
 
-# ---------------------------------------------------------------- diffusers → CompVis
+# ---------------------------------------------------------------- renaming, both ways from one table
 
 def _n_up_levels(keys, pattern: str) -> int:
     found = [int(m.group(1)) for k in keys if (m := re.match(pattern, k))]
     return max(found) + 1 if found else 0
 
 
-def _swap_parts(tail: str, parts, forward: bool) -> str:
+def _swap(tail: str, parts, to_compvis: bool) -> str:
+    """Rename the start of `tail` by the first matching (diffusers, CompVis) pair, read either way."""
     for diffusers, compvis in parts:
-        src, dst = (diffusers, compvis) if forward else (compvis, diffusers)
-        if src and tail.startswith(src):
+        src, dst = (diffusers, compvis) if to_compvis else (compvis, diffusers)
+        if tail.startswith(src):
             return dst + tail[len(src):]
     return tail
 
 
-def _diffusers_block_to_compvis(rest: str, n_up: int) -> str:
-    """One key below `encoder.`/`decoder.` from diffusers to CompVis names."""
-    rules = [
-        (r"down_blocks\.(\d+)\.resnets\.(\d+)\.", lambda i, j: f"down.{i}.block.{j}.", _RESNET_PARTS),
-        (r"down_blocks\.(\d+)\.attentions\.(\d+)\.", lambda i, j: f"down.{i}.attn.{j}.", _ATTN_PARTS),
-        (r"down_blocks\.(\d+)\.downsamplers\.0\.", lambda i: f"down.{i}.downsample.", ()),
-        (r"up_blocks\.(\d+)\.resnets\.(\d+)\.", lambda i, j: f"up.{n_up - 1 - i}.block.{j}.", _RESNET_PARTS),
-        (r"up_blocks\.(\d+)\.attentions\.(\d+)\.", lambda i, j: f"up.{n_up - 1 - i}.attn.{j}.", _ATTN_PARTS),
-        (r"up_blocks\.(\d+)\.upsamplers\.0\.", lambda i: f"up.{n_up - 1 - i}.upsample.", ()),
-        (r"mid_block\.resnets\.(\d+)\.", lambda j: f"mid.block_{j + 1}.", _RESNET_PARTS),
-        (r"mid_block\.attentions\.0\.", lambda: "mid.attn_1.", _ATTN_PARTS),
-        (r"conv_norm_out\.", lambda: "norm_out.", ()),
-        (r"time_conv_out\.", lambda: "conv_out.time_mix_conv.", ()),
-    ]
-    for pattern, name, parts in rules:
-        if m := re.match(pattern, rest):
-            head = name(*(int(g) for g in m.groups()))
-            return head + _swap_parts(rest[m.end():], parts, forward=True)
+def _resnet_tail(tail: str, to_compvis: bool, temporal: bool) -> str:
+    """The part after a resnet's head. SVD's video decoder wraps each 2-D resnet as
+    `spatial_res_block.` beside its temporal parts; CompVis keeps both halves in one block."""
+    temporal_tail = _swap(tail, _TEMPORAL_PARTS, to_compvis)
+    if temporal_tail != tail:
+        return temporal_tail
+    if to_compvis:
+        return _swap(tail.removeprefix(_SPATIAL), _RESNET_PARTS, True)
+    return (_SPATIAL if temporal else "") + _swap(tail, _RESNET_PARTS, False)
+
+
+def _rename_block(rest: str, to_compvis: bool, n_up: int, temporal: bool) -> str:
+    """One key below `encoder.`/`decoder.` renamed to the other layout (unchanged when no rule matches)."""
+    for diffusers, compvis, parts in _BLOCKS:
+        src, dst = (diffusers, compvis) if to_compvis else (compvis, diffusers)
+        if m := _BLOCK_REGEX[src].match(rest):
+            index = {k: int(v) for k, v in m.groupdict().items()}
+            if diffusers.startswith("up_blocks."):  # deepest first ↔ by level: the same flip both ways
+                index["i"] = n_up - 1 - index["i"]
+            tail = rest[m.end():]
+            tail = _resnet_tail(tail, to_compvis, temporal) if parts is _RESNET_PARTS else _swap(tail, parts, to_compvis)
+            return dst.format(**index) + tail
     return rest
+
+
+def _rename(sd: Mapping[str, torch.Tensor], to_compvis: bool, n_up: int, temporal: bool) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, value in sd.items():
+        root, dot, rest = name.partition(".")
+        key = f"{root}.{_rename_block(rest, to_compvis, n_up, temporal and root == 'decoder')}" \
+            if root in ("encoder", "decoder") and dot else name
+        if _ATTN_WEIGHT.search(key if to_compvis else name):  # Linear [C, C] in diffusers, 1×1 conv [C, C, 1, 1] in CompVis
+            if to_compvis and value.dim() == 2:
+                value = value.reshape(*value.shape, 1, 1)
+            elif not to_compvis and value.dim() == 4:
+                value = value.reshape(value.shape[0], value.shape[1])
+        out[key] = value
+    return out
 
 
 def diffusers_to_compvis(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """diffusers names (no prefix) → CompVis names; Linear attention weights `[C, C]` → `[C, C, 1, 1]`."""
-    n_up = _n_up_levels(sd, r"decoder\.up_blocks\.(\d+)\.")
-    out = {}
-    for key, value in sd.items():
-        root, dot, rest = key.partition(".")
-        name = f"{root}.{_diffusers_block_to_compvis(rest, n_up)}" if root in ("encoder", "decoder") and dot else key
-        if _ATTN_WEIGHT.search(name) and value.dim() == 2:
-            value = value.reshape(*value.shape, 1, 1)
-        out[name] = value
-    return out
-
-
-# ---------------------------------------------------------------- CompVis → diffusers
-
-def _compvis_resnet_tail(tail: str, temporal: bool) -> str:
-    """The part after `...block.j.`; SVD's video decoder splits each resnet in spatial/temporal."""
-    if not temporal:
-        return _swap_parts(tail, _RESNET_PARTS[:1], forward=False)
-    if tail.startswith(("time_stack.", "mix_factor")):
-        return _swap_parts(tail, _RESNET_PARTS[3:], forward=False)
-    return "spatial_res_block." + _swap_parts(tail, _RESNET_PARTS[:1], forward=False)
-
-
-def _compvis_block_to_diffusers(rest: str, n_up: int, temporal: bool) -> str:
-    """One key below `encoder.`/`decoder.` from CompVis to diffusers names."""
-    resnet = "resnet"
-    rules = [
-        (r"down\.(\d+)\.block\.(\d+)\.", lambda i, j: f"down_blocks.{i}.resnets.{j}.", resnet),
-        (r"down\.(\d+)\.attn\.(\d+)\.", lambda i, j: f"down_blocks.{i}.attentions.{j}.", _ATTN_PARTS),
-        (r"down\.(\d+)\.downsample\.", lambda i: f"down_blocks.{i}.downsamplers.0.", ()),
-        (r"up\.(\d+)\.block\.(\d+)\.", lambda i, j: f"up_blocks.{n_up - 1 - i}.resnets.{j}.", resnet),
-        (r"up\.(\d+)\.attn\.(\d+)\.", lambda i, j: f"up_blocks.{n_up - 1 - i}.attentions.{j}.", _ATTN_PARTS),
-        (r"up\.(\d+)\.upsample\.", lambda i: f"up_blocks.{n_up - 1 - i}.upsamplers.0.", ()),
-        (r"mid\.block_(\d+)\.", lambda j: f"mid_block.resnets.{j - 1}.", resnet),
-        (r"mid\.attn_1\.", lambda: "mid_block.attentions.0.", _ATTN_PARTS),
-        (r"norm_out\.", lambda: "conv_norm_out.", ()),
-        (r"conv_out\.time_mix_conv\.", lambda: "time_conv_out.", ()),
-    ]
-    for pattern, name, parts in rules:
-        if m := re.match(pattern, rest):
-            head, tail = name(*(int(g) for g in m.groups())), rest[m.end():]
-            if parts is resnet:
-                return head + _compvis_resnet_tail(tail, temporal)
-            return head + _swap_parts(tail, parts, forward=False)
-    return rest
+    return _rename(sd, True, _n_up_levels(sd, r"decoder\.up_blocks\.(\d+)\."), temporal=False)
 
 
 def compvis_to_diffusers(sd: Mapping[str, torch.Tensor], config: VAEConfig | None = None) -> dict[str, torch.Tensor]:
     """CompVis names (no prefix) → diffusers names (`to_q`… with Linear `[C, C]` attention weights).
 
-    `config` is accepted for symmetry with `diffusers_config`; the level count is read off the keys.
+    The up-level count comes from `config` when it has a KL decoder, else from the keys.
     """
-    n_up = _n_up_levels(sd, r"decoder\.up\.(\d+)\.")
-    if config is not None and config.decoder_kind == "kl":
-        n_up = len(config.channel_mult)
-    temporal = is_foreign_decoder(sd)
-    out = {}
-    for key, value in sd.items():
-        root, dot, rest = key.partition(".")
-        if _ATTN_WEIGHT.search(key) and value.dim() == 4:
-            value = value.reshape(value.shape[0], value.shape[1])
-        if root in ("encoder", "decoder") and dot:
-            key = f"{root}.{_compvis_block_to_diffusers(rest, n_up, temporal and root == 'decoder')}"
-        out[key] = value
-    return out
+    n_up = len(config.channel_mult) if config is not None and config.decoder_kind == "kl" else \
+        _n_up_levels(sd, r"decoder\.up\.(\d+)\.")
+    return _rename(sd, False, n_up, temporal=is_foreign_decoder(sd))
 
 
 # ---------------------------------------------------------------- diffusers config.json
@@ -239,28 +221,28 @@ def diffusers_config(config: VAEConfig, extra: Mapping | None = None) -> dict:
         raise InputError("VAE config", f"z_channels={config.z_channels} differs from latent_channels="
                          f"{config.latent_channels} (or the encoder is not double_z), which diffusers cannot express",
                          "the CompVis layout for this VAE")
-    levels = range(len(config.channel_mult))
-    out = {
-        "_class_name": "AutoencoderKL",
-        "in_channels": config.in_channels,
-        "out_channels": config.out_channels,
-        "down_block_types": ["AttnDownEncoderBlock2D" if i in config.attn_levels else "DownEncoderBlock2D" for i in levels],
-        "up_block_types": ["AttnUpDecoderBlock2D" if i in config.attn_levels else "UpDecoderBlock2D" for i in reversed(levels)],
-        "block_out_channels": [config.base_channels * m for m in config.channel_mult],
-        "layers_per_block": config.num_res_blocks,
-        "act_fn": "silu",
-        "latent_channels": config.latent_channels,
-        "norm_num_groups": config.norm_groups,
-        "use_quant_conv": config.use_quant_conv,
-        "use_post_quant_conv": config.use_post_quant_conv,
-        "mid_block_add_attention": config.mid_attention,
-    }
+    out = {"_class_name": "AutoencoderKL", **_described_by_weights(config)}
     for name in DIFFUSERS_EXTRA_FIELDS:
         if extra and name in extra:
             out[name] = extra[name]
     return out
 
 
+def _described_by_weights(config: VAEConfig) -> dict:
+    """The diffusers `AutoencoderKL` arguments these weights imply (the groups as inferred)."""
+    levels = range(len(config.channel_mult))
+    return {
+        "in_channels": config.in_channels, "out_channels": config.out_channels,
+        "down_block_types": ["AttnDownEncoderBlock2D" if i in config.attn_levels else "DownEncoderBlock2D" for i in levels],
+        "up_block_types": ["AttnUpDecoderBlock2D" if i in config.attn_levels else "UpDecoderBlock2D" for i in reversed(levels)],
+        "block_out_channels": [config.base_channels * m for m in config.channel_mult],
+        "layers_per_block": config.num_res_blocks, "act_fn": "silu", "latent_channels": config.latent_channels,
+        "norm_num_groups": config.norm_groups, "use_quant_conv": config.use_quant_conv,
+        "use_post_quant_conv": config.use_post_quant_conv, "mid_block_add_attention": config.mid_attention,
+    }
+
+
+_DECODER_FIELDS = ("out_channels", "up_block_types", "use_quant_conv", "use_post_quant_conv", "mid_block_add_attention")
 KL_DEFAULTS = {  # diffusers.AutoencoderKL.__init__ defaults, used when config.json leaves a field out
     "in_channels": 3, "out_channels": 3, "down_block_types": ["DownEncoderBlock2D"],
     "up_block_types": ["UpDecoderBlock2D"], "block_out_channels": [64],
@@ -279,22 +261,13 @@ def check_diffusers_config(cj: dict, config: VAEConfig, foreign: bool, where) ->
     if (KL_CLASSES[cls] == "temporal") != foreign:
         kind = "a temporal video decoder" if foreign else "a KL image decoder"
         raise VAELoadError(where, f"config.json says {cls} but the weights have {kind}", "a config.json written for these weights", ["_class_name"])
-    levels = range(len(config.channel_mult))
-    actual = {
-        "in_channels": config.in_channels, "latent_channels": config.latent_channels,
-        "block_out_channels": [config.base_channels * m for m in config.channel_mult],
-        "layers_per_block": config.num_res_blocks,
-        "down_block_types": ["AttnDownEncoderBlock2D" if i in config.attn_levels else "DownEncoderBlock2D" for i in levels],
-        "norm_num_groups": 32, "act_fn": "silu",
-    }
-    if not foreign:
-        up = ["AttnUpDecoderBlock2D" if i in config.attn_levels else "UpDecoderBlock2D" for i in reversed(levels)]
-        actual.update(out_channels=config.out_channels, up_block_types=up, use_quant_conv=config.use_quant_conv,
-                      use_post_quant_conv=config.use_post_quant_conv, mid_block_add_attention=config.mid_attention)
+    actual = _described_by_weights(config)
+    if foreign:  # an encoder-only read: the temporal decoder's settings are not checked
+        actual = {k: v for k, v in actual.items() if k not in _DECODER_FIELDS}
     said = {k: cj.get(k, KL_DEFAULTS[k]) for k in actual}
     said = {k: list(v) if isinstance(v, tuple) else v for k, v in said.items()}
     wrong = [k for k in actual if said[k] != actual[k]]
     if wrong:
         diffs = "; ".join(f"{k} is {said[k]!r} in config.json but {actual[k]!r} in the weights" for k in wrong)
         raise VAELoadError(where, f"config.json disagrees with the weights: {diffs}",
-                           "a config.json that matches the weights file next to it (only GroupNorm(32) and SiLU VAEs are supported)", wrong)
+                           f"a config.json that matches the weights file next to it (GroupNorm({config.norm_groups}) and SiLU, as read)", wrong)
