@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from host_prompts import core, encode_decode, ours, server_still_serves
+from host_prompts import core, encode_decode, ours, preview_text, server_still_serves, text_of
 from host_server import failed, images_of, succeeded
 from vae_files import reference_model
 
@@ -75,4 +75,35 @@ def test_missing_keys_refused_where_core_runs_half_loaded(host):
     assert "Missing VAE keys" in host.log()  # core only warns and decodes with unset weights
     err = failed(host.run(encode_decode(ours("missing_keys.safetensors"), "gradient.png")))
     assert "missing" in err["exception_message"] and "decoder.up.0.block.1.conv2.weight" in err["exception_message"]
+    server_still_serves(host)
+
+
+def convert_prompt(vae_name: str, layout: str, filename: str) -> dict:
+    return {"1": {"class_type": "VAEFixConvertVAE", "inputs": {"vae_name": vae_name, "layout": layout, "filename": filename}},
+            "2": preview_text(["1", 0])}
+
+
+def test_convert_node_writes_a_file_the_strict_loader_reads_bit_for_bit(host):
+    from vae_fix.loader import read_vae
+
+    info = json.loads(text_of(succeeded(host.run(convert_prompt("diffusers_sd/", "compvis", "converted_sd.safetensors"))), "2"))
+    assert info["read"]["layout"] == "diffusers" and info["wrote"]["layout"] == "compvis"
+    written, source = read_vae(host.vae_dir / "converted_sd.safetensors"), read_vae(host.vae_dir / "diffusers_sd")
+    assert written.state_dict.keys() == source.state_dict.keys()
+    assert all(torch.equal(written.state_dict[k], v) for k, v in source.state_dict.items())
+    succeeded(host.run(encode_decode(ours("converted_sd.safetensors"), "gradient.png")))
+    folder = json.loads(text_of(succeeded(host.run(convert_prompt("tiny_sd.safetensors", "diffusers", "converted_dir"))), "2"))
+    assert folder["wrote"]["layout"] == "diffusers" and (host.vae_dir / "converted_dir" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("vae_name,filename,words", [
+    ("tiny_sd.safetensors", "full_sd.safetensors", "already exists"),
+    ("tiny_sd.safetensors", "../escape.safetensors", "models/vae"),
+    ("truncated.safetensors", "from_truncated.safetensors", "truncated"),
+], ids=["existing", "escape", "broken_source"])
+def test_convert_node_refuses_bad_targets_and_sources(host, vae_name, filename, words):
+    err = failed(host.run(convert_prompt(vae_name, "compvis", filename)))
+    assert err["node_type"] == "VAEFixConvertVAE" and words in err["exception_message"]
+    assert not (host.vae_dir / filename).exists() or filename == "full_sd.safetensors"
+    assert not (host.base / "models" / "escape.safetensors").exists()
     server_still_serves(host)

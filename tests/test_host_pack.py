@@ -17,7 +17,7 @@ from run_cli import ROOT
 
 NODE_IDS = ("VAEFixLoadVAE", "VAEFixInspectVAE", "VAEFixLogVarianceMap", "VAEFixLatentChannelEdit",
             "VAEFixLatentStatistics", "VAEFixLatentReachMap", "VAEFixLatentCellReach", "VAEFixLatentPreviewRGB",
-            "VAEFixRepairLatent", "VAEFixCompareVAEs")
+            "VAEFixRepairLatent", "VAEFixCompareVAEs", "VAEFixConvertVAE")
 FRONTEND_ONLY = {"Note", "MarkdownNote"}  # comments on the canvas: never queued
 pytestmark = pytest.mark.host
 

@@ -249,8 +249,8 @@ def test_cells_as_text():
 
 @pytest.mark.parametrize("call,needle", [
     (lambda c, z: cell_reach(c, z, []), "Invalid cells: no cell given"),
-    (lambda c, z: cell_reach(c, z, top=0), "Invalid --top: 0"),
-    (lambda c, z: reach_map(c, z, window=1, top=0), "Invalid --top: 0"),
+    (lambda c, z: cell_reach(c, z, top=0), "Invalid top: 0"),
+    (lambda c, z: reach_map(c, z, window=1, top=0), "Invalid top: 0"),
     (lambda c, z: reach_map(c, z, window=1, cmap="rainbow"), "Invalid cmap"),
     (lambda c, z: cell_reach(c, z, [(1, 1)], window=1, batch_size=0), "Invalid batch_size"),
 ])

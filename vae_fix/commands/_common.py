@@ -6,20 +6,14 @@ returns). Not a command: the CLI registry skips `_` modules.
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 
+from ..codec import DTYPE_CHOICES, parse_dtype
 from ..errors import InputError
 from ..images import load_image
 from ..latent_io import read_latent
-
-from ..codec import DTYPE_CHOICES, parse_dtype
 from ..progress import terminal_progress
 from ..result import Result, check_out_dir, write_result
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}  # TODO(redesign): drop
 
 
 def add_output_arguments(p, what: str = "the JSON result, summary.txt and the PNGs") -> None:
@@ -77,60 +71,14 @@ def finish(result: Result, args, extra_files: dict | None = None) -> int:
     return 0
 
 
-def out_dir(path) -> Path:
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise InputError("--out", f"'{out}' is an existing file", "a folder (created when missing)")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
 
 
-def write_json(data: dict, path) -> Path:
-    from ..jsonsafe import json_safe
-
-    path = Path(path)
-    path.write_text(json.dumps(json_safe(data), indent=2, allow_nan=False) + "\n")
-    return path
 
 
-def add_source_arguments(p, vae_required: bool) -> None:
-    p.add_argument("--vae", required=vae_required, help="VAE file (.safetensors/.ckpt/.pt/.pth/.bin) or diffusers folder")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--image", metavar="PATH", help="image to encode (the latent is the posterior mean)")
-    src.add_argument("--latent", metavar="FILE", help="latent file (ComfyUI .latent or safetensors)")
-    p.add_argument("--device", default="cpu", help="torch device for the model (default cpu)")
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="model dtype (default float32)")
 
 
-def load_model(args, need_decoder: bool):
-    """The VAE named by --vae, or None; a decoder is checked for when `need_decoder`."""
-    from ..loader import load_vae
-
-    if not args.vae:
-        return None
-    vae = load_vae(args.vae, device=args.device, dtype=DTYPES[args.dtype])
-    if need_decoder and not vae.model.has_decoder:
-        raise InputError("--vae", f"'{args.vae}' has no KL decoder (only its encoder was loaded)",
-                         "a VAE with a decoder")
-    return vae
 
 
-def latent_from_args(args, vae, allow_nonfinite: bool = False):
-    """(latent `[B, C, h, w]` float32 on CPU, posterior or None, encoded image or None)."""
-    from ..posterior import prepare_images, read_posterior
-
-    if args.latent:
-        z = read_latent(args.latent, allow_nonfinite)
-        if vae is not None and z.shape[1] != vae.config.latent_channels:
-            raise InputError("--latent", f"{z.shape[1]} channels, but the VAE's latents have "
-                             f"{vae.config.latent_channels}", "a latent made by this VAE")
-        return z, None, None
-    if vae is None:
-        raise InputError("--vae", "an image needs a VAE to encode it", "--vae with --image, or --latent")
-    image = load_image(args.image)
-    post = read_posterior(vae.codec(), image)
-    shown, _ = prepare_images(image, vae.config.downscale, "crop")
-    return post.mean, post, shown
 
 
 def latent_and_image(args, codec, allow_nonfinite: bool = False):
@@ -149,11 +97,3 @@ def latent_and_image(args, codec, allow_nonfinite: bool = False):
     image = load_image(args.image)
     return read_posterior(codec, image).mean.cpu(), image
 
-
-def decoder_fn(vae):
-    """The model's decode, taking CPU float32 latents and returning float32 on CPU."""
-    p = next(vae.model.parameters())
-
-    def decode(z):
-        return vae.model.decode(z.to(device=p.device, dtype=p.dtype)).float().cpu()
-    return decode
