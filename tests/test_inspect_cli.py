@@ -16,7 +16,7 @@ from vae_fix.builders.planted import planted_vae
 from vae_fix.codec import model_codec
 from vae_fix.posterior import read_posterior
 
-from run_cli import run_cli, strict_json
+from run_cli import ROOT, run_cli, strict_json
 
 CELL = (9, 21)
 
@@ -201,3 +201,15 @@ def test_report_of_an_in_memory_batch_is_strict_json_even_with_nan():
     assert back["clamp_floor"]["cells"] == 1 and back["logvar_raw"]["outside_clamp"] == 4
     summary = summary_text(report)
     assert "image 0" in summary and "cell (y=6, x=1)" in summary and "1 clamp-floor cell" in summary
+
+
+def test_without_torch_the_cli_names_the_install_command(tmp_path):
+    import subprocess
+    import sys
+    import venv
+
+    venv.create(tmp_path / "bare", with_pip=False)  # a Python with none of the engine's dependencies
+    python = tmp_path / "bare" / "bin" / "python"
+    r = subprocess.run([str(python), "-m", "vae_fix", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "VAE Fix needs" in r.stderr and "pip install" in r.stderr
