@@ -11,11 +11,16 @@ import json
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 
 from host_models import PLANTED_CELL, PLANTED16_CELL
 from host_prompts import core, lv_map, ours, server_still_serves, write_thumbnail
 from host_server import (api_workflow, failed, id_of,
                          images_of, interrupt_after_progress, node_of, status_messages, succeeded)
+from vae_files import reference_model
+
+from vae_fix.images import load_image as read_png
 
 
 NODE_IDS = ("VAEFixLoadVAE", "VAEFixInspectVAE", "VAEFixLogVarianceMap")
@@ -31,6 +36,7 @@ def test_log_variance_map_shows_the_planted_hole(host, loader, name, cell_px):
     assert picture.shape == (32 * cell_px, 32 * cell_px, 3)  # one block per latent cell: lines up with the image
     y, x = PLANTED_CELL
     assert picture[y * cell_px:(y + 1) * cell_px, x * cell_px:(x + 1) * cell_px].max() == 0, "the hole is not the darkest cell"
+    assert picture.max() > 100, "on a black map any cell would be the darkest"
     image = stats["images"][0]
     assert image["min"] < -40 and -23 < image["median"] < -17  # planted: typical -20, hole ~30 nats deeper
     assert image["cells_below_clamp"] == 1 and stats["latent_channels"] == 4
@@ -47,10 +53,28 @@ def test_log_variance_grid_of_16_channels_with_fixed_range(host):
 
 
 def test_kl_map_and_pad_policy(host):
+    """A 125x126 image (not a multiple of 4) padded by repeating its edge: the stats say so, the map
+    covers the padded 32x32 grid, and its numbers are the KL computed here from the raw moments."""
     prompt = lv_map(ours("tiny_sd.safetensors"), "gradient.png", value="KL per cell (nats)", size_policy="pad")
+    prompt["c"] = {"class_type": "ImageCrop", "inputs": {"image": ["2", 0], "width": 125, "height": 126, "x": 0, "y": 0}}
+    prompt["3"]["inputs"]["image"] = ["c", 0]
     outputs = succeeded(host.run(prompt))
     stats = json.loads(outputs["4"]["text"][0])
-    assert stats["size"]["policy"] == "pad" and stats["images"][0]["min"] >= 0  # KL is never negative
+    size = stats["size"]
+    assert size["policy"] == "pad" and size["changed"] and size["downscale"] == 4
+    assert size["original"] == [126, 125] and size["processed"] == [128, 128] and size["padding"] == [2, 3]
+    assert stats["latent_size"] == [32, 32] and images_of(host, outputs, "3")[0].shape == (128, 128, 3)
+    x = F.pad(read_png(host.input_dir / "gradient.png")[:, :, :126, :125], (0, 3, 0, 2), mode="replicate")
+    with torch.no_grad():
+        moments = reference_model("sd", seed=0).moments(x * 2 - 1).double()
+    mean, logvar = moments[:, :4], moments[:, 4:].clamp(-30, 20)
+    kl = 0.5 * (mean.square() + logvar.exp() - 1 - logvar).sum(dim=1)[0]  # [h, w] nats
+    image = stats["images"][0]
+    assert image["min"] == pytest.approx(float(kl.min()), rel=1e-3, abs=1e-4)
+    assert image["max"] == pytest.approx(float(kl.max()), rel=1e-3)
+    assert image["median"] == pytest.approx(float(kl.flatten().kthvalue((kl.numel() + 1) // 2).values), rel=1e-3)
+    assert image["kl_total"] == pytest.approx(float(kl.sum()), rel=1e-3)
+    assert image["max"] > image["min"] + 0.1, "a constant map would match a wrong formula"
 
 
 # ---------------------------------------------------------------- VAEs without a variance, wrong images
@@ -67,7 +91,7 @@ def test_image_smaller_than_a_latent_cell_is_refused(host):
     prompt = lv_map(ours("tiny_sd.safetensors"), "gradient.png")
     prompt["2"] = {"class_type": "EmptyImage", "inputs": {"width": 3, "height": 3, "batch_size": 1, "color": 0}}
     err = failed(host.run(prompt))
-    assert "smaller than one latent cell" in err["exception_message"]
+    assert err["node_type"] == "VAEFixLogVarianceMap" and "smaller than one latent cell" in err["exception_message"]
     server_still_serves(host)
 
 
@@ -82,7 +106,7 @@ def test_long_inspect_shows_progress_and_stops_on_interrupt(host):
     messages = status_messages(entry)
     assert entry["status"]["status_str"] == "error" and "execution_interrupted" in messages
     assert messages["execution_interrupted"]["node_id"] == "3"
-    assert all(p["max"] == 400 for p in seen)  # one step per image
+    assert seen and all(p["max"] == 400 for p in seen)  # one step per image (all() of nothing is true)
     assert max(p["value"] for p in seen) < 100, "the run went on long after the interrupt"
     server_still_serves(host)
 
