@@ -23,7 +23,6 @@ from vae_files import reference_model
 from vae_fix.images import load_image as read_png
 
 
-NODE_IDS = ("VAEFixLoadVAE", "VAEFixInspectVAE", "VAEFixLogVarianceMap")
 pytestmark = pytest.mark.host
 
 

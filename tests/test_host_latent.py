@@ -2,8 +2,8 @@
 on the CPU, driven over HTTP like the browser drives it; the example workflows' API twins are run.
 
 Needs a ComfyUI checkout: `COMFYUI_PATH=/path/to/ComfyUI COMFYUI_PYTHON=/its/python pytest tests/test_host_latent.py`.
-Without COMFYUI_PATH every test here is reported as skipped, by name. One server is started for this
-module in its own base directory, with VAEs and a tiny SD1.5-layout checkpoint built by the tests.
+Without COMFYUI_PATH every test here is reported as skipped, by name. All host test files share one server per session (tests/conftest.py),
+with VAEs and a tiny SD1.5-layout checkpoint built by the tests (tests/host_models.py).
 """
 from __future__ import annotations
 
