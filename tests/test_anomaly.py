@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from vae_fix.anomaly import find_anomalies
+from vae_fix.anomaly import Baseline, find_anomalies
 from vae_fix.errors import InputError
 from vae_fix.model import preset_config
 from vae_fix.builders.planted import demo_image, paint_marker, planted_vae, smooth_vae
@@ -92,19 +92,45 @@ def test_near_constant_maps_need_a_real_drop():
     lv = torch.full((4, 16, 16), -20.0)
     lv[:, 3, 3] = -20.5  # infinite z against a zero MAD, but only half a nat
     assert find_anomalies(synthetic(lv)).anomalies == []
-    lv[:, 5, 5] = -26.0
-    assert find_anomalies(synthetic(lv)).marks() == [(5, 5)]
+    lv[:, 5, 5] = -26.0  # 6 nats: below the 8-nat minimum drop
+    assert find_anomalies(synthetic(lv)).anomalies == []
+    lv[:, 6, 6] = -29.0
+    assert find_anomalies(synthetic(lv)).marks() == [(6, 6)]
 
 
-def test_mean_magnitude_outliers_are_their_own_kind():
+def test_a_large_mean_alone_is_content_not_an_anomaly():
     lv = noisy_map()
     mean = noisy_map(typical=0.0, spread=2.0, seed=1)
     mean[1, 20, 3] = 60.0
     report = find_anomalies(synthetic(lv, mean))
-    assert report.marks() == [(20, 3)]
+    assert report.anomalies == []
+    assert [(c["y"], c["x"], c["channels"]) for c in report.content_outliers] == [(20, 3, [1])]
+    assert report.to_dict()["content_outliers"]["count"] == 1
+
+
+def test_a_large_mean_at_a_collapsed_cell_is_supporting_evidence():
+    lv, mean = noisy_map(), noisy_map(typical=0.0, spread=2.0, seed=1)
+    lv[:, 20, 3], mean[1, 20, 3] = -45.0, 60.0
+    report = find_anomalies(synthetic(lv, mean))
     a = report.anomalies[0]
-    assert a.kind == "mean_magnitude" and a.channels == [1] and a.mean_abs_max == pytest.approx(60.0)
-    assert a.mean_score > 8 and not a.clamp_floor_hit
+    assert report.marks() == [(20, 3)] and report.content_outliers == []
+    assert a.kind == "logvar_low" and a.kinds == ["logvar_low", "mean_magnitude"]
+    assert a.mean_abs_max == pytest.approx(60.0) and a.mean_score > 8
+
+
+def test_a_whole_image_that_sits_low_is_not_a_cell():
+    lv = noisy_map(typical=-40.0, spread=1.0)
+    baseline = Baseline(median=-20.0, sigma=1.5, images=8)  # the VAE's other images sit at -20
+    assert find_anomalies(synthetic(lv), baseline=baseline).anomalies == []
+    lv[:, 7, 7] = -60.0
+    assert find_anomalies(synthetic(lv), baseline=baseline).marks() == [(7, 7)]
+
+
+def test_the_vae_typical_range_decides_not_the_image():
+    lv = noisy_map(typical=-10.0, spread=0.5)
+    lv[:, 3, 3] = -22.0  # 12 nats under this image, but inside the VAE's usual range
+    assert find_anomalies(synthetic(lv)).marks() == [(3, 3)]
+    assert find_anomalies(synthetic(lv), baseline=Baseline(-20.0, 1.5, 8)).anomalies == []
 
 
 def test_adjacent_cells_form_one_group():
@@ -121,12 +147,13 @@ def test_adjacent_cells_form_one_group():
 
 def test_threshold_is_adjustable_and_report_is_json():
     lv = noisy_map()
-    lv[:, 4, 4] = -29.0  # 9 nats under: z about 6 against spread 1.5
+    lv[:, 4, 4] = -31.0  # 9.5 nats under the per-cell minimum's median (-21.5)
     assert find_anomalies(synthetic(lv)).marks() == [(4, 4)]
-    assert find_anomalies(synthetic(lv), threshold=8.0).marks() == []
+    assert find_anomalies(synthetic(lv), threshold=10.0).marks() == []
+    assert find_anomalies(synthetic(lv), min_drop=10.0).marks() == []
     d = find_anomalies(synthetic(lv)).to_dict()
     text = json.dumps(d, allow_nan=False)
-    assert json.loads(text)["anomalies"][0]["y"] == 4 and d["thresholds"]["threshold"] == 5.0
+    assert json.loads(text)["anomalies"][0]["y"] == 4 and d["thresholds"]["threshold"] == 4.0
 
 
 def test_bad_arguments_raise_input_error():

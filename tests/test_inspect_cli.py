@@ -39,7 +39,10 @@ def test_inspect_finds_the_planted_hole_and_writes_report_and_pictures(files, tm
     printed = capsys.readouterr().out
     assert "cell (y=9, x=21) logvar_low" in printed and "clamp floor hit" in printed
     report = strict_json(out / "report.json")
-    assert report["schema"] == 1 and isinstance(report["version"], str)
+    assert report["schema"] == 2 and isinstance(report["version"], str)
+    v = report["verdict"]
+    assert v["black_hole"] is False and v["status"] == "single_image" and "cannot confirm" in v["line"]
+    assert [(c["y"], c["x"], c["images"], c["of"]) for c in v["cells"]] == [(*CELL, 1, 1)]
     vae = report["vae"]
     assert vae["path"] == str(files["vae"]) and vae["layout"] == "compvis" and vae["latent_channels"] == 4
     (entry,) = report["images"]
@@ -49,11 +52,27 @@ def test_inspect_finds_the_planted_hole_and_writes_report_and_pictures(files, tm
     top = entry["anomalies"][0]
     assert (top["y"], top["x"]) == CELL and top["clamp_floor_hit"] is True
     assert isinstance(top["score"], float) and top["score"] > 15 and top["logvar_raw_min"] < -40
-    assert all(max(abs(a["y"] - CELL[0]), abs(a["x"] - CELL[1])) <= 1 for a in entry["anomalies"])
+    assert [(a["y"], a["x"]) for a in entry["anomalies"]] == [CELL]
     assert list(CELL) in entry["clamp_floor"]["list"]
     assert entry["size"]["changed"] is False and entry["tiling"] is None
-    assert entry["thresholds"]["threshold"] == 5.0 and report["settings"]["size_policy"] == "crop"
-    assert (out / "summary.txt").read_text().startswith("VAE ")
+    assert entry["thresholds"]["threshold"] == 4.0 and report["settings"]["size_policy"] == "crop"
+    assert (out / "summary.txt").read_text().startswith("Verdict: log-variance collapse at (9, 21)")
+
+
+def test_without_images_the_probe_set_judges_the_vae(tmp_path):
+    """The health check: a hole at a fixed cell on every image is a black hole, found in every probe."""
+    from vae_fix.builders.planted import corner_hole_vae
+    vae = save_vae(corner_hole_vae(preset_config("sd", small=True)).model, tmp_path / "corner.safetensors")
+    out = tmp_path / "out"
+    assert main(["inspect", "--vae", str(vae), "--out", str(out), "--quiet"]) == 0
+    report = strict_json(out / "report.json")
+    v, n = report["verdict"], len(report["images"])
+    assert n == 20 and v["black_hole"] is True and v["status"] == "black_hole"
+    assert [(c["y"], c["x"], c["images"], c["of"]) for c in v["cells"]] == [(0, 0, n, n)]
+    assert v["line"].startswith(f"black hole at (0, 0) in {n}/{n} probes")
+    assert {e["path"].split("@")[1] for e in report["images"]} == {"128", "256"}
+    with Image.open(out / "verdict.png") as im:
+        assert im.width > 1000 and im.height > 256
 
 
 def test_pictures_are_real_pngs_of_the_expected_sizes(files, tmp_path):

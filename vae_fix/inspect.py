@@ -1,7 +1,11 @@
-"""Inspect VAE: read a VAE's raw posterior on images, find the anomalous latent cells (the SD
-"black hole") and report them: report.json (schema 1), a summary and pictures per image.
+"""Inspect VAE: read a VAE's raw posterior on images (the built-in probe set when none are given),
+find the cells where its log-variance collapses and give the verdict on the VAE (the SD "black
+hole"): report.json (schema 2), a summary and pictures per image.
 
-One call for the node and the CLI: `inspect_vae(codec, images, ...) -> InspectResult`.
+One call for the node, the health check and the CLI: `inspect_vae(codec, images, ...) -> InspectResult`.
+The VAE's typical range is pooled over every image, then each image's cells are judged against it
+(`anomaly`), the verdict counts recurrence (`verdict`), and the verdict's first cell gets the fast
+reach map when the codec has a differentiable decoder (a black hole reaches the whole image).
 """
 from __future__ import annotations
 
@@ -13,13 +17,18 @@ from typing import Optional, Sequence
 import torch
 
 from . import report, viz
-from .anomaly import DEFAULT_MEAN_THRESHOLD, DEFAULT_MIN_DROP, DEFAULT_THRESHOLD, AnomalyReport, find_anomalies
+from .reach_measure import fast_reach_map
+from .anomaly import (DEFAULT_MEAN_THRESHOLD, DEFAULT_MIN_DROP, DEFAULT_THRESHOLD, AnomalyReport, find_anomalies,
+                      min_map, vae_baseline)
 from .codec import Codec
 from .errors import InputError
 from .posterior import Posterior, prepare_images, read_posterior
+from .probes import probe_images
 from .progress import ProgressFn, Steps
 from .result import Picture, Result
+from .verdict import Verdict, verdict
 
+REACH_WINDOW = 3
 # heatmap colour ranges: percentiles of the values drawn
 RANGES = {"percentile": (1.0, 99.0), "minmax": (0.0, 100.0)}
 
@@ -36,6 +45,7 @@ class InspectResult(Result):
     encoded: list
     posteriors: list
     found: list
+    verdict: Verdict
     files_dir: Optional[Path] = None   # where the CLI writes the pictures: the report then names them
     moments_files: list = field(default_factory=list)
     _drawn: dict = field(default_factory=dict, repr=False)
@@ -43,7 +53,7 @@ class InspectResult(Result):
     def to_json(self) -> dict:
         entries = [{**report.image_entry(name, post, 0, found, self._files(i)), "index": i}
                    for i, (name, post, found) in enumerate(zip(self.names, self.posteriors, self.found))]
-        data = report.build_report(self.vae, entries, self.settings)
+        data = report.build_report(self.vae, entries, self.settings, self.verdict.to_dict())
         if self.moments_files:
             data["moments_files"] = list(self.moments_files)
         return data
@@ -52,9 +62,20 @@ class InspectResult(Result):
         return report.summary_text(self.to_json())
 
     def pictures(self) -> dict[str, Picture]:
-        """`<image prefix>_<picture>` for every picture of every image (the CLI's file names)."""
-        return {f"{prefix}_{name}": pic for i, prefix in enumerate(self._prefixes())
-                for name, pic in self.drawn(i).items()}
+        """`verdict` (every image's overlay, collapsed cells boxed) and `<image prefix>_<picture>`
+        for every picture of every image (the CLI's file names)."""
+        return {"verdict": self.verdict_picture(), **{f"{prefix}_{name}": pic for i, prefix in enumerate(self._prefixes())
+                                                      for name, pic in self.drawn(i).items()}}
+
+    def verdict_picture(self) -> Picture:
+        """`[3, H, W]`: the verdict's line over a strip of every image's overlay (at most 24, 128 px)."""
+        tiles = []
+        for i in range(min(24, len(self.posteriors))):
+            lv_min, post = min_map(self.posteriors[i], 0), self.posteriors[i]
+            ov = viz.overlay(self.encoded[i], lv_min, 0.6, self.settings["cmap"], self.found[i].marks(),
+                             post.size.downscale, *viz.value_range(lv_min, percentiles=(1.0, 99.0)))
+            tiles.append(viz.caption(_fit(ov, 192) if max(ov.shape[1:]) > 192 else ov, _short(self.names[i], i)))
+        return viz.caption(viz.tile_grid(tiles, per_row=10), "Verdict: " + self.verdict.line(), size=13)
 
     def each(self, name: str) -> list[Picture]:
         """One picture (`overlay`, `logvar_grid`, `kl`, `logvar_c0`...) of every image, in order."""
@@ -70,6 +91,7 @@ class InspectResult(Result):
         """Name the files the CLI writes in `out_dir` (and the raw posterior at `moments`, when
         given) so the report lists them; returns the moments writers for `write_result`."""
         self.files_dir = Path(out_dir)
+        self.vae = {**self.vae}
         if moments is None:
             return {}
         writers = moments_writers(self.posteriors, self.names, moments)
@@ -89,28 +111,69 @@ class InspectResult(Result):
         return {name: str(self.files_dir / f"{prefix}_{name}.png") for name in self.drawn(i)}
 
 
-def inspect_vae(codec: Codec, images, *, names: Optional[Sequence] = None, threshold: float = DEFAULT_THRESHOLD,
+def inspect_vae(codec: Codec, images=None, *, names: Optional[Sequence] = None, threshold: float = DEFAULT_THRESHOLD,
                 min_drop: float = DEFAULT_MIN_DROP, mean_threshold: float = DEFAULT_MEAN_THRESHOLD,
                 size_policy: str = "crop", cmap: str = "magma", value_range: str = "percentile",
-                tile: Optional[int] = None, progress: Optional[ProgressFn] = None) -> InspectResult:
+                tile: Optional[int] = None, check_reach: bool = True,
+                progress: Optional[ProgressFn] = None) -> InspectResult:
     """Inspect every image: `images` is a list of `[1, 3, H, W]` (sizes may differ) or one
-    `[B, 3, H, W]` batch, 0..1. Each image is encoded on its own (one progress step each, which
-    may cancel). `names` (paths) name the images in the report and the CLI's file names."""
+    `[B, 3, H, W]` batch, 0..1; None runs the built-in probe set (`probes`). Each image is encoded
+    on its own (one progress step each, which may cancel). `names` (paths) name the images in the
+    report and the CLI's file names. `check_reach`: measure the verdict's first cell's reach."""
+    if images is None:
+        images, names = probe_images()
     batch = _one_by_one(images)
     names = [None if n is None else str(n) for n in names] if names is not None else [None] * len(batch)
     _check_options(cmap, value_range, len(names), len(batch))
-    steps = Steps(progress, len(batch))
-    encoded, posteriors, found = [], [], []
+    steps = Steps(progress, len(batch) + 1)
+    encoded, posteriors = [], []
     for x in batch:
-        post = read_posterior(codec, x, size_policy=size_policy, tile=tile, progress=steps.sub(1))
-        found.append(find_anomalies(post, 0, threshold=threshold, min_drop=min_drop, mean_threshold=mean_threshold))
+        posteriors.append(read_posterior(codec, x, size_policy=size_policy, tile=tile, progress=steps.sub(1)))
         encoded.append(prepare_images(x, codec.downscale, size_policy)[0][0])
-        posteriors.append(post)
         steps.step()
+    base = vae_baseline([min_map(p, 0) for p in posteriors])
+    found = [find_anomalies(p, 0, baseline=base, threshold=threshold, min_drop=min_drop, mean_threshold=mean_threshold)
+             for p in posteriors]
+    judged = verdict(found, [n if n is not None else f"image {i}" for i, n in enumerate(names)])
+    if check_reach and judged.cells:
+        judged.reach = measure_reach(codec, judged, posteriors, found)
+    steps.step()
     settings = {"size_policy": size_policy, "cmap": cmap, "value_range": value_range, "tile": tile,
                 "device": str(codec.device), "dtype": str(codec.dtype).replace("torch.", ""),
-                "threshold": threshold, "min_drop": min_drop, "mean_threshold": mean_threshold}
-    return InspectResult(dict(codec.info), settings, names, encoded, posteriors, found)
+                "threshold": threshold, "min_drop": min_drop, "mean_threshold": mean_threshold,
+                "probes": names[0] is not None and str(names[0]).startswith("probe:")}
+    return InspectResult(dict(codec.info), settings, names, encoded, posteriors, found, judged)
+
+
+def measure_reach(codec: Codec, judged: Verdict, posteriors: list[Posterior], found: list[AnomalyReport]) -> dict:
+    """The fast reach map of the verdict's first cell on the smallest image it collapsed in:
+    {"y", "x", "image", "reach_ratio" (cell over the map's median), "rank"} or {"skipped": why}."""
+    if codec.decode_grad is None:
+        return {"skipped": codec.no_decoder or "the VAE has no differentiable decoder"}
+    top = judged.cells[0]
+    seen = [i for i, rep in enumerate(found) if (top["y"], top["x"]) in rep.marks()]
+    i = min(seen, key=lambda j: posteriors[j].latent_size[0] * posteriors[j].latent_size[1])
+    try:
+        fast = fast_reach_map(codec.decode_grad, posteriors[i].mean, window=REACH_WINDOW)
+    except InputError as e:  # latent too small for the reach regions
+        return {"skipped": str(e)}
+    reach = fast.reach
+    ratio = float(reach[top["y"], top["x"]] / reach.median().clamp_min(1e-12))
+    rank = int((reach > reach[top["y"], top["x"]]).sum()) + 1
+    top["reach_ratio"] = ratio
+    return {"y": top["y"], "x": top["x"], "image": judged.names[i], "reach_ratio": ratio, "rank": rank,
+            "window": REACH_WINDOW, "method": "fast reach map (first-order far-field change)"}
+
+
+def _fit(img: torch.Tensor, size: int) -> torch.Tensor:
+    """`[3, H, W]` scaled down (area) so its longer side is `size`."""
+    scale = size / max(img.shape[1:])
+    hw = (max(1, round(img.shape[1] * scale)), max(1, round(img.shape[2] * scale)))
+    return torch.nn.functional.interpolate(img[None], size=hw, mode="area")[0]
+
+
+def _short(name, i: int) -> str:
+    return (Path(str(name)).stem if not str(name).startswith("probe:") else str(name)[6:]) if name else f"image {i}"
 
 
 def _one_by_one(images) -> list[torch.Tensor]:

@@ -1,15 +1,21 @@
-"""report.json (schema 1) of Inspect VAE and its readable summary (the node and the CLI give the same).
+"""report.json (schema 2) of Inspect VAE and its readable summary (the node and the CLI give the same).
 
 Layout:
-    {"schema": 1, "tool": "vae_fix", "version", "vae": {"path", "layout", "latent_channels", ...},
+    {"schema": 2, "tool": "vae_fix", "version", "vae": {"path", "layout", "latent_channels", ...},
+     "verdict": {"black_hole", "status", "images", "images_with_collapse", "line", "evidence",
+                 "cells": [{"y", "x", "images", "of", "logvar_raw_min", "drop", "reach_ratio", ...}],
+                 "reach": {...} | null},
      "settings": {...}, "summary": {...},
      "images": [{"path", "index", "latent_size": [h, w], "latent_channels", "size": {...},
                  "tiling": null | {...}, "logvar_raw": {"min", "median", "max", "mean", "per_channel"},
                  "mean": {...}, "kl_total", "kl_per_cell": {...}, "anomaly_count",
                  "anomalies": [{"y", "x", "kind", "score", "logvar_raw_min", "clamp_floor_hit", ...}],
-                 "groups", "clamp_floor": {"cells", "elements", "list"}, "baseline", "thresholds",
-                 "notes", "files"}],
+                 "groups", "clamp_floor": {"cells", "elements", "list"}, "content_outliers",
+                 "baseline", "thresholds", "notes", "files"}],
      "moments_files": [...] (CLI --save-moments only), "files": {...} (CLI: every file it wrote)}
+Schema 2 (from 1): the top-level `verdict`; `anomalies` lists only log-variance collapses against the
+VAE's typical range (a large mean alone is image content, under `content_outliers`); `baseline`
+gains `vae_typical`, `reference` and `needed_drop`; `thresholds` gains `spread_floor`.
 Numbers are plain floats; NaN and infinities become null, so any JSON reader accepts the file.
 """
 from __future__ import annotations
@@ -23,7 +29,7 @@ from .anomaly import AnomalyReport
 from .jsonsafe import json_safe
 from .posterior import LOGVAR_MAX, LOGVAR_MIN, Posterior
 
-SCHEMA = 1
+SCHEMA = 2
 MAX_LISTED = 256      # anomalies / floor-hit cells written per image (counts are always complete)
 SUMMARY_LISTED = 8    # anomalies printed per image in the text summary
 
@@ -58,15 +64,16 @@ def image_entry(path, posterior: Posterior, index: int, anomalies: AnomalyReport
         "kl_per_cell": {**_stats(kl), "max_at": list(kl_peak), "unit": "nats",
                         "formula": "0.5 * sum_c (mu^2 + exp(logvar) - 1 - logvar), logvar clamped to [-30, 20]"},
         **{k: found[k] for k in ("anomaly_count", "anomalies", "anomalies_left_out", "groups",
-                                 "clamp_floor", "baseline", "thresholds")},
+                                 "clamp_floor", "content_outliers", "baseline", "thresholds")},
         "notes": list(posterior.notes) + found["notes"],
         "files": dict(files or {}),
     }
     return json_safe(entry)
 
 
-def build_report(vae_info: dict, images: list[dict], settings: Optional[dict] = None) -> dict:
-    """The whole report: `vae_info` (at least path, layout, latent_channels) and image entries."""
+def build_report(vae_info: dict, images: list[dict], settings: Optional[dict] = None,
+                 verdict: Optional[dict] = None) -> dict:
+    """The whole report: `vae_info` (at least path, layout, latent_channels), the verdict and image entries."""
     summary = {
         "images": len(images),
         "images_with_anomalies": sum(1 for e in images if e["anomaly_count"]),
@@ -76,7 +83,7 @@ def build_report(vae_info: dict, images: list[dict], settings: Optional[dict] = 
         "resized_images": sum(1 for e in images if e["size"]["changed"]),
     }
     return json_safe({"schema": SCHEMA, "tool": "vae_fix", "version": __version__, "vae": dict(vae_info),
-                      "settings": dict(settings or {}), "summary": summary, "images": list(images)})
+                      "verdict": dict(verdict or {}), "settings": dict(settings or {}), "summary": summary, "images": list(images)})
 
 
 def _count(n: int, word: str) -> str:
@@ -98,7 +105,7 @@ def _anomaly_line(a: dict) -> str:
 def image_summary(e: dict) -> list[str]:
     name = e["path"] or f"image {e['index']}"
     h, w = e["latent_size"]
-    lv, t = e["logvar_raw"], e["thresholds"]
+    lv = e["logvar_raw"]
     lines = [f"{name}: latent {h}x{w}x{e['latent_channels']}; {e['size']['note']}"]
     if e["tiling"]:
         lines.append(f"  {e['tiling']['note']}")
@@ -108,26 +115,31 @@ def image_summary(e: dict) -> list[str]:
     lines.append(f"  clamp floor (raw <= {floor['floor']:g}): {_count(floor['cells'], 'cell')}, "
                  f"{_count(floor['elements'], 'value')}")
     base = e["baseline"]
-    lines.append(f"  anomalies: {_count(e['anomaly_count'], 'cell')} in {_count(len(e['groups']), 'group')} "
-                 f"(robust z >= {t['threshold']:g} and >= {t['min_drop']:g} nats below "
-                 f"{_num(base['logvar_raw_min_median'])}, the median of the per-cell minimum; "
-                 f"spread {_num(base['logvar_raw_min_sigma'], '.2f')})")
+    lines.append(f"  log-variance collapses: {_count(e['anomaly_count'], 'cell')} in {_count(len(e['groups']), 'group')} "
+                 f"(>= {_num(base['needed_drop'])} nats below {_num(base['reference'])}; image median "
+                 f"{_num(base['logvar_raw_min_median'])}, VAE typical {_num(base['vae_typical']['median'])})")
     lines += [_anomaly_line(a) for a in e["anomalies"][:SUMMARY_LISTED]]
     more = e["anomaly_count"] - min(SUMMARY_LISTED, len(e["anomalies"]))
     if more > 0:
         lines.append(f"    ... and {more} more (see report.json)")
+    content = e["content_outliers"]["count"]
+    if content:
+        lines.append(f"  {_count(content, 'cell')} with a large mean alone: image content, not an anomaly")
     lines += [f"  note: {n}" for n in e["notes"]]
     return lines
 
 
 def summary_text(report: dict) -> str:
-    """A few readable lines per image: ranges, clamp-floor hits, anomalies."""
-    vae = report["vae"]
-    lines = [f"VAE {vae.get('path', '?')}: {vae.get('layout', '?')} layout, "
+    """The verdict first, then a few readable lines per image: ranges, clamp-floor hits, collapses."""
+    vae, verdict = report["vae"], report.get("verdict") or {}
+    lines = [f"Verdict: {verdict['line']}" if verdict else "Verdict: none",
+             f"VAE {vae.get('path', '?')}: {vae.get('layout', '?')} layout, "
              f"{vae.get('latent_channels', '?')} latent channels, downscale {vae.get('downscale', '?')}"]
     for e in report["images"]:
         lines += image_summary(e)
     s = report["summary"]
+    if verdict:
+        lines.append(f"evidence: {verdict['evidence']}")
     lines.append(f"{_count(s['images'], 'image')}, {s['images_with_anomalies']} with anomalies "
                  f"({_count(s['anomalies'], 'cell')}), {_count(s['clamp_floor_cells'], 'clamp-floor cell')}")
     return "\n".join(lines)

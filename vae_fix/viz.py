@@ -276,14 +276,22 @@ def channel_grid(maps: torch.Tensor, cmap: str = "viridis", vmin: Optional[float
         raise InputError("labels", f"{len(labels)} labels for {c} maps", "one label per channel")
     vmin, vmax = value_range(m, vmin, vmax, percentiles)
     scale = scale or zoom_for(h, w, 128)
-    rows, cols = grid_shape(c)
     tiles = [caption(heatmap(m[i], cmap, vmin, vmax, scale), labels[i], size=11) for i in range(c)]
+    out = tile_grid(tiles, per_row=grid_shape(c)[1], gap=gap)
+    return with_colorbar(out, cmap, vmin, vmax, label) if bar else out
+
+
+def tile_grid(tiles: Sequence[torch.Tensor], per_row: int = 8, gap: int = 4) -> torch.Tensor:
+    """`[3, h_i, w_i]` tiles of any sizes → one picture, `per_row` to a row, top-left aligned."""
+    if not tiles:
+        raise InputError("tiles", "there are none", "at least one picture")
     th, tw = max(t.shape[1] for t in tiles), max(t.shape[2] for t in tiles)
+    rows, cols = math.ceil(len(tiles) / per_row), min(per_row, len(tiles))
     out = _canvas(rows * th + (rows - 1) * gap, cols * tw + (cols - 1) * gap)
     for i, t in enumerate(tiles):
         y, x = (i // cols) * (th + gap), (i % cols) * (tw + gap)
         out[:, y:y + t.shape[1], x:x + t.shape[2]] = t
-    return with_colorbar(out, cmap, vmin, vmax, label) if bar else out
+    return out
 
 
 def mark_cells(img: torch.Tensor, marks: Sequence[tuple[int, int]], cell: int = 8,

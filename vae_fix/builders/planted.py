@@ -265,3 +265,27 @@ def _verify(planted: PlantedVAE, typical: float, depth: float) -> None:
     where = divmod(flat, lv.shape[1])
     if where != (y, x) or float(lv[y, x]) > typical - depth / 2:
         raise RuntimeError(f"planting failed: lowest cell {where} at {float(lv.min()):.3g}, wanted {planted.cell}")
+
+
+def corner_hole_vae(cfg: VAEConfig, seed: int = 0, typical: float = TYPICAL_LOGVAR, spread: float = 0.05,
+                    depth: float = HOLE_DEPTH, mean_spike: float = 0.0) -> PlantedVAE:
+    """A smooth VAE with a hole at latent cell (0, 0) on every image, whatever its content (the
+    recurring kind the health check looks for), `depth` nats deep, and a mean `mean_spike` higher there.
+
+    How: the carrier reads nothing (its marker weights are zeroed) and `norm_out` gives it a constant
+    silu(1); `conv_out` reads it with taps that cancel wherever the 3x3 window lies inside the map
+    (centre and up-left -a, up and left +a) and only at the top-left corner, where zero padding hides
+    three of them, leave -a. Weights only, so it saves and loads as any VAE."""
+    smooth = smooth_vae(cfg, seed=seed, typical=typical, spread=spread)
+    model, k = smooth.model, _carriers(smooth.model.encoder.norm_out.num_channels, cfg)
+    enc, z = model.encoder, cfg.z_channels
+    with torch.no_grad():
+        enc.conv_in.weight[:_carriers(enc.conv_in.out_channels, cfg)] = 0
+        enc.norm_out.bias[:k] = 1.0
+        level = float(F.silu(torch.tensor(1.0)))
+        for rows, amount in ((slice(z, 2 * z), -depth), (slice(0, z), mean_spike)):
+            taps = enc.conv_out.weight[rows, :k]
+            a = amount / level / k
+            taps[..., 1, 1], taps[..., 0, 0], taps[..., 0, 1], taps[..., 1, 0] = a, a, -a, -a
+        logvar = model.moments(smooth.image * 2 - 1)[0, cfg.latent_channels:]
+    return PlantedVAE(model, (0, 0), smooth.image, logvar)

@@ -1,4 +1,5 @@
-"""`python -m vae_fix inspect`: read a VAE's raw posterior on images, find anomalies, write a report."""
+"""`python -m vae_fix inspect`: read a VAE's raw posterior on images (the built-in probes when none
+are given: the health check), find log-variance collapses, give the verdict, write a report."""
 from __future__ import annotations
 
 import argparse
@@ -11,14 +12,16 @@ from ..viz import CMAPS
 from ._common import add_output_arguments, add_vae_arguments, finish, load_codec, progress
 
 NAME = "inspect"
-HELP = ("Read a VAE's raw posterior (mean and unclamped log-variance) on images, find anomalous "
-        "latent cells (the SD 'black hole') and write report.json, a summary and heatmap PNGs.")
+HELP = ("Read a VAE's raw posterior (mean and unclamped log-variance) on images, or on the built-in probe "
+        "set when no --image is given (the health check), find the cells where its log-variance collapses, "
+        "say whether the VAE has a black hole, and write report.json, a summary and heatmap PNGs.")
 
 
 def add_arguments(p) -> None:
     add_vae_arguments(p)
-    p.add_argument("--image", required=True, action="append", metavar="PATH",
-                   help="image file (PNG/JPEG/WebP; alpha is dropped); repeat for several, sizes may differ")
+    p.add_argument("--image", action="append", metavar="PATH",
+                   help="image file (PNG/JPEG/WebP; alpha is dropped); repeat for several, sizes may differ. "
+                        "Without it: the built-in probe set (7 drawn images and 3 photos at 128 and 256 px)")
     add_output_arguments(p, "report.json, summary.txt and the PNGs")
     p.add_argument("--save-moments", metavar="FILE", type=_safetensors_path,
                    help="also write the raw posterior as safetensors (tensors 'mean' and 'logvar', raw, "
@@ -30,18 +33,22 @@ def add_arguments(p) -> None:
     p.add_argument("--range", choices=list(RANGES), default="percentile", dest="value_range",
                    help="heatmap value range: 1st..99th percentile (default) or min..max")
     p.add_argument("--threshold", type=_at_least_zero, default=DEFAULT_THRESHOLD,
-                   help=f"robust z a cell's log-variance must fall below the image's median by (default {DEFAULT_THRESHOLD:g})")
+                   help="a cell collapses when its lowest raw log-variance lies this many of the VAE's robust "
+                        f"spreads (at least 1 nat) under the VAE's typical level (default {DEFAULT_THRESHOLD:g})")
     p.add_argument("--min-drop", type=_at_least_zero, default=DEFAULT_MIN_DROP,
-                   help=f"and at least this many nats (default {DEFAULT_MIN_DROP:g})")
+                   help=f"and at least this many nats under it (default {DEFAULT_MIN_DROP:g})")
     p.add_argument("--mean-threshold", type=_at_least_zero, default=DEFAULT_MEAN_THRESHOLD,
-                   help=f"robust z for mean-magnitude outliers (default {DEFAULT_MEAN_THRESHOLD:g})")
+                   help="robust z of a large mean: supporting evidence at a collapsed cell, image content "
+                        f"elsewhere (default {DEFAULT_MEAN_THRESHOLD:g})")
+    p.add_argument("--no-reach", action="store_true",
+                   help="skip the fast reach map of the verdict's first cell (one backward pass per region)")
     p.add_argument("--tile", type=int, metavar="PX", help="encode in tiles of PX pixels (a multiple of the "
                    "downscale); without it tiles are used only after an out-of-memory error")
 
 
 def run(args) -> int:
-    images = [load_image(p) for p in args.image]  # every image is checked before the model is loaded
-    result = inspect_vae(load_codec(args), images, names=args.image, threshold=args.threshold,
+    images = [load_image(p) for p in args.image] if args.image else None  # checked before the model loads
+    result = inspect_vae(load_codec(args), images, names=args.image, threshold=args.threshold, check_reach=not args.no_reach,
                          min_drop=args.min_drop, mean_threshold=args.mean_threshold, size_policy=args.size_policy,
                          cmap=args.cmap, value_range=args.value_range, tile=args.tile,
                          progress=progress(args, "inspect"))
