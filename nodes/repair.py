@@ -29,12 +29,12 @@ class RepairLatent(io.ComfyNode):
                 io.Vae.Input("vae", tooltip="The VAE that decodes the latent (and encoded it, for posterior anomalies)."),
                 io.Latent.Input("latent", tooltip="The latent to repair: from VAE Encode, a sampler, Load Latent, ..."),
                 io.Combo.Input("source", options=list(SOURCES), default="auto",
-                               tooltip="Which cells: anomalies of the encoder's posterior (log-variance holes and mean spikes; "
-                                       "needs 'image'), outliers of the latent alone (robust z per channel), or 'auto' "
+                               tooltip="Which cells: where the encoder's log-variance collapses, as in Inspect VAE's verdict "
+                                       "(needs 'image'), outliers of the latent alone (robust z per channel), or 'auto' "
                                        "(posterior when an image is connected, else latent outliers)."),
                 io.Float.Input("posterior_threshold", default=anomaly.DEFAULT_THRESHOLD, min=0.0, max=100.0, step=0.5,
-                               tooltip="Posterior anomalies: how many robust standard deviations a cell's log-variance must "
-                                       "fall below the image's typical value (as in Inspect VAE)."),
+                               tooltip="Posterior anomalies: how many of the VAE's robust spreads (at least 1 nat) a cell's "
+                                       "log-variance must fall below the VAE's typical level, and at least 8 nats (as in Inspect VAE)."),
                 io.Float.Input("latent_threshold", default=anomaly.DEFAULT_MEAN_THRESHOLD, min=0.0, max=100.0, step=0.5,
                                tooltip="Latent outliers: how many robust standard deviations a value must sit from its "
                                        "channel's median (edges reach 3-6, so only far larger ones count)."),

@@ -15,7 +15,7 @@ from torch import nn
 from host_server import HostError, HostServer
 from vae_files import write_state_dict, write_vae
 
-from vae_fix.builders.planted import planted_vae, smooth_vae
+from vae_fix.builders.planted import corner_hole_vae, planted_vae, smooth_vae
 from vae_fix.images import save_png
 from vae_fix.loader import save_vae
 from vae_fix.model import VAEConfig, preset_config
@@ -26,6 +26,7 @@ SMUGGLER_CELL = (9, 21)    # log-variance hole and mean spike (small SD layout, 
 SMUGGLER = "smuggler_sd.safetensors"   # SD layout (small): log-variance hole and mean spike at SMUGGLER_CELL
 CLEAN = "clean_sdxl.safetensors"       # SDXL layout (small), seeded random weights: nothing planted
 WIDE = "tiny_sd3_16ch.safetensors"     # SD3 layout (small): 16 latent channels
+CORNER = "corner_sd.safetensors"       # SD layout (small): a log-variance hole at (0, 0) whatever the image
 IMAGE = "smuggler.png"                 # the smuggler's calibration image, 128 px
 
 
@@ -58,6 +59,7 @@ def _planted_vaes(server: HostServer) -> None:
         save_png(planted.image[0], inp / f"{name}.png")
     smooth = smooth_vae(preset_config("sd", small=True))  # same construction, no hole: a negative control
     save_vae(smooth.model, vae_dir / "smooth_sd.safetensors")
+    save_vae(corner_hole_vae(preset_config("sd", small=True)).model, vae_dir / CORNER)  # a hole on every image
     save_png(smooth.image[0], inp / "smooth_sd.png")
     sd = load_file(str(vae_dir / "full_sd.safetensors"))  # a layout core builds, so core runs it half-loaded
     del sd["decoder.up.0.block.1.conv2.weight"], sd["encoder.mid.attn_1.q.bias"]

@@ -51,6 +51,10 @@ def test_compare_a_holed_and_a_smooth_vae(pair):
     assert first["b_minus_a"]["anomaly_count"] == -holed_entry["anomaly_count"]
     assert first["b_minus_a"]["kl_total"] == pytest.approx(smooth_entry["kl_total"] - holed_entry["kl_total"])
     assert rep["summary"]["holed"]["anomalies"] >= 1 and rep["summary"]["smooth"]["anomalies"] == 0
+    verdicts = rep["verdicts"]  # the marker moves with the flip: a collapse in both images, at two cells
+    assert verdicts["holed"]["black_hole"] is True and verdicts["holed"]["images_with_collapse"] == 2
+    assert {(c["y"], c["x"]) for c in verdicts["holed"]["cells"]} == {CELL, (CELL[0], 31 - CELL[1])}
+    assert verdicts["smooth"]["status"] == "none" and result.summary().startswith("holed: black hole in 2/2")
     pic = result.rows[0]
     assert len(result.rows) == 2
     assert pic.shape[0] == 3 and pic.shape[2] > 5 * images.shape[-1] and pic.shape[1] > 2 * images.shape[-2]

@@ -125,14 +125,17 @@ def test_inspect_workflow_finds_the_planted_black_hole(host, name, cell):
     prompt["report"] = {"class_type": "PreviewAny", "inputs": {"source": [inspect_id, 2]}}
     outputs = succeeded(host.run(prompt))
     report = json.loads(outputs["report"]["text"][0])
-    assert report["schema"] == 1 and report["summary"]["images"] == 1
+    assert report["schema"] == 2 and report["summary"]["images"] == 1
+    verdict = report["verdict"]  # one image: the collapse is listed, recurrence is not claimed
+    assert verdict["status"] == "single_image" and [(c["y"], c["x"]) for c in verdict["cells"]] == [cell]
+    assert outputs["10"]["text"][0] == verdict["line"] and "cannot confirm" in verdict["line"]
     image = report["images"][0]
     worst = image["anomalies"][0]
     assert (worst["y"], worst["x"]) == cell and worst["kind"] == "logvar_low" and worst["clamp_floor_hit"]
     assert worst["logvar_raw_min"] < -40 and image["groups"][0]["cells"] == 1
     assert image["clamp_floor"]["cells"] == 1 and image["latent_size"] == [32, 32]
-    summary = outputs[id_of(prompt, "PreviewAny")]["text"][0]
-    assert f"cell (y={cell[0]}, x={cell[1]})" in summary and "clamp floor hit" in summary
+    summary = outputs["6"]["text"][0]
+    assert summary.startswith("Verdict: log-variance collapse at") and f"cell (y={cell[0]}, x={cell[1]})" in summary and "clamp floor hit" in summary
     overlay = images_of(host, outputs, id_of(prompt, "SaveImage"))[0]
     assert np.array_equal(overlay, images_of(host, outputs, id_of(prompt, "VAEFixInspectVAE"))[0])  # the node's preview
     previews = [k for k, n in prompt.items() if n["class_type"] == "PreviewImage"]
@@ -148,8 +151,11 @@ def test_inspect_negative_control_finds_nothing(host):
     node_of(prompt, "LoadImage")["inputs"]["image"] = "smooth_sd.png"
     node_of(prompt, "VAEFixLoadVAE")["inputs"]["vae_name"] = "smooth_sd.safetensors"
     prompt["report"] = {"class_type": "PreviewAny", "inputs": {"source": [id_of(prompt, "VAEFixInspectVAE"), 2]}}
-    image = json.loads(succeeded(host.run(prompt))["report"]["text"][0])["images"][0]
+    outputs = succeeded(host.run(prompt))
+    report = json.loads(outputs["report"]["text"][0])
+    image = report["images"][0]
     assert image["anomaly_count"] == 0 and image["clamp_floor"]["cells"] == 0
+    assert report["verdict"]["black_hole"] is False and outputs["10"]["text"][0].startswith("no black hole found")
     assert -21 < image["logvar_raw"]["median"] < -19
 
 

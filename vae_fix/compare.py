@@ -1,7 +1,8 @@
-"""Two VAEs on the same images, side by side: anomalies, KL, worst reach, reconstruction PSNR.
+"""Two VAEs on the same images, side by side: verdicts, anomalies, KL, worst reach, reconstruction PSNR.
 
 Each VAE is a `Codec` (its `name` is its side's name). Per image and VAE: the raw posterior
-(`posterior.read_posterior`), its anomalies (`anomaly.find_anomalies`), KL, the reconstruction of
+(`posterior.read_posterior`), its log-variance collapses (`anomaly.find_anomalies` against that VAE's
+typical range over all the images) and, per VAE, the verdict (`verdict.verdict`), KL, the reconstruction of
 the posterior mean and its PSNR against the image as encoded, and the fast reach map's worst cell
 (`reach.fast_reach_map`). Images come as one `[B, 3, H, W]` batch or a list of them (files of
 different sizes): rows are numbered across the list. One picture per image: original, both
@@ -15,7 +16,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import viz
-from .anomaly import find_anomalies
+from .anomaly import find_anomalies, min_map, vae_baseline
 from .codec import Codec
 from .errors import InputError
 from .posterior import prepare_images, read_posterior
@@ -23,6 +24,7 @@ from .progress import ProgressFn, Steps
 from .reach import fast_reach_map, summarize_map
 from .repair import psnr, side_by_side, to_unit
 from .result import Result
+from .verdict import verdict
 
 
 @dataclass
@@ -41,7 +43,8 @@ class CompareResult(Result):
         lines = []
         for vae in self.report["vaes"]:
             s = self.report["summary"][vae["name"]]
-            parts = [f"{vae['name']}: {vae['latent_channels']} channels, {s['anomalies']} anomalous cells"]
+            parts = [f"{vae['name']}: {self.report['verdicts'][vae['name']]['line']}; {vae['latent_channels']} channels, "
+                     f"{s['anomalies']} collapsed cells"]
             if s["kl_total_mean"] is not None:
                 parts.append(f"KL {s['kl_total_mean']:.4g} nats per image")
             if s["psnr_db_mean"] is not None:
@@ -74,10 +77,7 @@ def _one_side(codec: Codec, images: torch.Tensor, size_policy: str, window: int,
     steps.step()
     per_image = []
     for i in range(post.batch):
-        found = find_anomalies(post, i)
-        entry = {"anomaly_count": len(found.anomalies), "clamp_floor_cells": len(found.floor_hits),
-                 "anomalies": [a.to_dict() for a in found.anomalies[:16]],
-                 "kl_total": float(post.kl_total[i]), "kl_per_cell_mean": float(post.kl[i].mean()),
+        entry = {"kl_total": float(post.kl_total[i]), "kl_per_cell_mean": float(post.kl[i].mean()),
                  "logvar_raw_min": float(post.logvar_raw[i].min()),
                  "logvar_raw_median": float(post.logvar_raw[i].median()),
                  "latent_size": list(post.latent_size), "latent_channels": post.latent_channels}
@@ -86,8 +86,25 @@ def _one_side(codec: Codec, images: torch.Tensor, size_policy: str, window: int,
             if reach:
                 entry["worst_reach"] = _reach(codec, post.mean, i, window)
         steps.step()
-        per_image.append((entry, found))
+        per_image.append([entry, None])
     return {"codec": codec, "posterior": post, "images": x, "recon": recon, "per_image": per_image}
+
+
+def _judge(groups: list[list[dict]]) -> list[dict]:
+    """Per VAE (side): anomalies of every image against its typical range over all groups, its verdict."""
+    verdicts = []
+    for side in range(2):
+        sides = [g[side] for g in groups]
+        base = vae_baseline([min_map(s["posterior"], i) for s in sides for i in range(s["posterior"].batch)])
+        found = []
+        for s in sides:
+            for i, item in enumerate(s["per_image"]):
+                rep = item[1] = find_anomalies(s["posterior"], i, baseline=base)
+                item[0].update({"anomaly_count": len(rep.anomalies), "clamp_floor_cells": len(rep.floor_hits),
+                                "anomalies": [a.to_dict() for a in rep.anomalies[:16]]})
+                found.append(rep)
+        verdicts.append(verdict(found).to_dict())
+    return verdicts
 
 
 def _batch(images) -> int:
@@ -105,11 +122,11 @@ def compare_vaes(codec_a: Codec, codec_b: Codec, images, *, window: int = 3, rea
         raise InputError("window", f"{window!r}", "a whole number of cells >= 0")
     groups = [images] if isinstance(images, torch.Tensor) else list(images)
     steps = Steps(progress, sum(2 * (2 + _batch(g)) for g in groups))
-    rows, pictures, first = [], [], None
+    sided = [[_one_side(c, group, size_policy, window, reach, steps) for c in (codec_a, codec_b)] for group in groups]
+    verdicts = _judge(sided)
+    rows, pictures, first = [], [], sided[0]
     recons: list = [[], []]
-    for group in groups:
-        sides = [_one_side(c, group, size_policy, window, reach, steps) for c in (codec_a, codec_b)]
-        first = first or sides
+    for sides in sided:
         for i in range(sides[0]["posterior"].batch):
             rows.append(_row(len(rows), sides, i))
             pictures.append(compare_picture(sides, i, cmap))
@@ -122,6 +139,7 @@ def compare_vaes(codec_a: Codec, codec_b: Codec, images, *, window: int = 3, rea
                         "latent_channels": s["posterior"].latent_channels, "size_handling": s["posterior"].size.to_dict()}
                        for tag, s in zip("ab", first)],
               "settings": {"window": window, "reach": reach, "size_policy": size_policy},
+              "verdicts": dict(zip(names, verdicts)),
               "summary": {n: _summary([row[n] for row in rows]) for n in names}, "images": rows,
               "vae_files": {c.name: c.info for c in (codec_a, codec_b)}}
     recon = [r if c.decode is not None else None for r, c in zip(recons, (codec_a, codec_b))]
@@ -168,5 +186,5 @@ def compare_picture(sides: list[dict], i: int, cmap: str = "magma", gap: int = 6
         heat = viz.enlarge(viz.heatmap(m, cmap, lo, hi, ds), zoom)
         if found.anomalies:
             heat = viz.mark_cells(heat, found.marks(), cell=ds, zoom=zoom)
-        tiles.append(viz.caption(heat, f"{s['codec'].name}: logvar, {len(found.anomalies)} anomalies"))
+        tiles.append(viz.caption(heat, f"{s['codec'].name}: logvar, {len(found.anomalies)} collapsed"))
     return viz.with_colorbar(side_by_side(tiles, gap), cmap, lo, hi, "min raw log-variance (nats)")

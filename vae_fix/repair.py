@@ -1,6 +1,7 @@
 """Neutralise anomalous latent cells before decoding, and report what that changed.
 
-Which cells (`source`): the posterior's anomalies (`anomaly.find_anomalies` on the image the latent
+Which cells (`source`): the posterior's log-variance collapses, as the verdict sees them
+(`anomaly.find_anomalies` against the VAE's typical range over the batch, on the image the latent
 was encoded from, read again by the same codec) or, with only a latent, `latent_outliers`: per
 channel the robust z of each value, |z - median| / (1.4826·MAD), the largest over channels per cell,
 flagged at `threshold` and at least `min_dev` latent units away (latents follow the image, edges
@@ -24,7 +25,8 @@ from typing import Optional
 import torch
 
 from . import viz
-from .anomaly import DEFAULT_MEAN_THRESHOLD, DEFAULT_MIN_MEAN_DEV, MAD_TO_SIGMA, AnomalyReport, find_anomalies
+from .anomaly import (DEFAULT_MEAN_THRESHOLD, DEFAULT_MIN_MEAN_DEV, MAD_TO_SIGMA, AnomalyReport, find_anomalies,
+                      min_map, vae_baseline)
 from .codec import Codec
 from .edit import check_latent
 from .errors import InputError
@@ -118,7 +120,8 @@ def flagged_cells(codec: Codec, z: torch.Tensor, source: str, image: Optional[to
     if tuple(post.mean.shape) != tuple(z.shape):
         raise InputError("image", f"it encodes to a latent of shape {list(post.mean.shape)}, the latent is {list(z.shape)}",
                          "the image the latent was made from with this VAE (VAE Encode of it)")
-    found = [find_anomalies(post, i, **kw) for i in range(post.batch)]
+    base = vae_baseline([min_map(post, i) for i in range(post.batch)])
+    found = [find_anomalies(post, i, baseline=base, **kw) for i in range(post.batch)]
     return anomaly_mask(found, post.batch, *post.latent_size), None
 
 
