@@ -6,7 +6,7 @@ half of the images (and two or more) make `black_hole: true`. Fewer is content-t
 not a black hole); one image alone cannot confirm recurrence and says so. Per cell position it lists
 in how many of the images that cover it the cell collapsed, its deepest raw log-variance and drop,
 whether a large mean supports it and, when measured, its reach (`reach_ratio`: the fast reach map at
-the cell over the map's median; a cell that smuggles global information reaches far, > 3).
+the cell over the map's median; a cell that smuggles global information reaches far, >= 10).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from typing import Optional
 from .anomaly import AnomalyReport
 
 RECURRENCE = 0.5          # share of the images a collapse must appear in to be the VAE's
-FAR_REACH = 3.0           # reach_ratio above which a cell reaches far beyond its window
+FAR_REACH = 10.0          # reach_ratio above which a cell reaches far beyond its window
 STATUSES = ("black_hole", "content", "single_image", "none")
 LISTED = 32
 

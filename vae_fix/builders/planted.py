@@ -289,3 +289,14 @@ def corner_hole_vae(cfg: VAEConfig, seed: int = 0, typical: float = TYPICAL_LOGV
             taps[..., 1, 1], taps[..., 0, 0], taps[..., 0, 1], taps[..., 1, 0] = a, a, -a, -a
         logvar = model.moments(smooth.image * 2 - 1)[0, cfg.latent_channels:]
     return PlantedVAE(model, (0, 0), smooth.image, logvar)
+
+
+def tamed_vae(cfg: VAEConfig, seed: int = 0, typical: float = TYPICAL_LOGVAR, spread: float = 0.05) -> PlantedVAE:
+    """A plain seeded random VAE (no carrier path, no high-pass) whose log-variance rows are
+    rescaled on the demo image to median about `typical` and robust spread `spread`: smooth, no hole."""
+    model = random_vae(cfg, seed)
+    image = demo_image(32 * cfg.downscale, 32 * cfg.downscale, None, cfg.downscale)
+    with torch.no_grad():
+        _calibrate_logvar(model, model.moments(image * 2 - 1)[0, cfg.latent_channels:], typical, spread)
+        logvar = model.moments(image * 2 - 1)[0, cfg.latent_channels:]
+    return PlantedVAE(model, None, image, logvar)
