@@ -105,7 +105,7 @@ def test_long_inspect_shows_progress_and_stops_on_interrupt(host):
     messages = status_messages(entry)
     assert entry["status"]["status_str"] == "error" and "execution_interrupted" in messages
     assert messages["execution_interrupted"]["node_id"] == "3"
-    assert seen and all(p["max"] == 400 for p in seen)  # one step per image (all() of nothing is true)
+    assert seen and all(p["max"] == 401 for p in seen)  # one step per image and the verdict (all() of nothing is true)
     assert max(p["value"] for p in seen) < 100, "the run went on long after the interrupt"
     server_still_serves(host)
 

@@ -54,6 +54,9 @@ def test_raw_minimum_map_shows_the_hole_as_its_lowest_cell(files, tmp_path):
     cells = pic.reshape(32, 4, 32, 4).mean(axis=(1, 3))
     assert np.unravel_index(cells.argmin(), cells.shape) == CELL
     assert np.sort(cells.ravel())[1] > cells[CELL] + 20  # clearly darker than the next cell
+    assert image["collapsed_cells"] == [list(CELL)] and "(9, 21)" in stats["verdict"]
+    y, x = CELL  # boxed just outside its block, in white inside a black outline: the values stay visible
+    assert pic[y * 4 + 1, x * 4 - 1] == 255 and pic[y * 4 + 1, x * 4 - 3] == 0 and pic[y * 4 + 1, x * 4 + 1] < 100
 
 
 def test_percentile_range_comes_from_the_values_and_fixed_range_is_kept(files, tmp_path):

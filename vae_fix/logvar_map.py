@@ -1,6 +1,7 @@
 """Log-Variance Map: draw what a plain encode throws away, the raw posterior log-variance per
 latent cell (or the clamped one, or the KL per cell), for the lowest/mean channel, one channel or
-every channel. One call for the node and the CLI: `logvar_map(codec, images, ...) -> LogVarMapResult`.
+every channel. Cells where the log-variance collapses (the verdict's rule, `anomaly`, against the
+VAE's typical range over the batch) are boxed on single maps and listed in the stats. One call for the node and the CLI: `logvar_map(codec, images, ...) -> LogVarMapResult`.
 """
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ import torch
 
 from . import viz
 from .codec import Codec
+from .anomaly import find_anomalies, min_map, vae_baseline
 from .errors import InputError
 from .posterior import LOGVAR_MIN, Posterior, read_posterior
 from .progress import ProgressFn
 from .result import Picture, Result
+from .verdict import verdict
 
 VALUES = ("raw", "clamped", "kl")
 SHOWS = ("min", "mean", "grid", "one")
@@ -37,10 +40,12 @@ class LogVarMapResult(Result):
     def summary(self) -> str:
         s = self.stats
         what = SHOW_WORDS[s["show"]] + (f" {s['channel']}" if s["show"] == "one" else "")
-        lines = [f"{LABELS[s['value']]}, {what}; colour range {s['range'][0]:.2f}..{s['range'][1]:.2f}"]
+        lines = [f"Verdict: {s['verdict']}",
+                 f"{LABELS[s['value']]}, {what}; colour range {s['range'][0]:.2f}..{s['range'][1]:.2f}"]
         for i, e in enumerate(s["images"]):
             lines.append(f"image {i}: min {e['min']:.2f}, median {e['median']:.2f}, max {e['max']:.2f}; "
-                         f"{e['cells_below_clamp']} cells below the {LOGVAR_MIN:g} clamp; KL {e['kl_total']:.1f} nats")
+                         f"{e['cells_below_clamp']} cells below the {LOGVAR_MIN:g} clamp, {len(e['collapsed_cells'])} collapsed "
+                         f"(boxed); KL {e['kl_total']:.1f} nats")
         return "\n".join(lines + [f"note: {n}" for n in s["notes"]])
 
     def pictures(self) -> dict[str, list[Picture]]:
@@ -59,8 +64,15 @@ def logvar_map(codec: Codec, images: torch.Tensor, *, value: str = "raw", show: 
     post = read_posterior(codec, _as_batch(images), size_policy=size_policy, batch_size=1, progress=progress)
     maps = reduce_maps(map_values(post, value), show, channel)
     vmin, vmax = color_range(maps, range_mode, low, high)
-    pictures = [_draw(m, cmap, vmin, vmax, post.size.downscale, colorbar, LABELS[value]) for m in maps]
-    return LogVarMapResult(pictures, _stats(post, maps, vmin, vmax, value, show, channel))
+    base = vae_baseline([min_map(post, i) for i in range(post.batch)])
+    found = [find_anomalies(post, i, baseline=base) for i in range(post.batch)]
+    pictures = [_draw(m, cmap, vmin, vmax, post.size.downscale, colorbar, LABELS[value], f.marks())
+                for m, f in zip(maps, found)]
+    stats = _stats(post, maps, vmin, vmax, value, show, channel)
+    for entry, f in zip(stats["images"], found):
+        entry["collapsed_cells"] = [list(c) for c in f.marks()[:256]]
+    stats["verdict"] = verdict(found).line()
+    return LogVarMapResult(pictures, stats)
 
 
 def map_values(post: Posterior, value: str) -> torch.Tensor:
@@ -110,11 +122,14 @@ def _check_choices(**given) -> None:
             raise InputError(name, f"{value!r}", f"one of {', '.join(choices)}")
 
 
-def _draw(m: torch.Tensor, cmap: str, vmin: float, vmax: float, cell: int, bar: bool, label: str) -> Picture:
-    """`[h, w]` → one cell per `cell`×`cell` block (lines up with the image); `[C, h, w]` → a grid."""
+def _draw(m: torch.Tensor, cmap: str, vmin: float, vmax: float, cell: int, bar: bool, label: str,
+          marks=()) -> Picture:
+    """`[h, w]` → one cell per `cell`×`cell` block (lines up with the image), `marks` boxed outside
+    their block (the values stay visible); `[C, h, w]` → a grid."""
     if m.dim() == 3:
         return viz.channel_grid(m, cmap, vmin, vmax, bar=bar, label=label)
     pic = viz.heatmap(m, cmap, vmin, vmax, scale=cell)
+    pic = viz.mark_cells(pic, marks, cell) if marks else pic
     return viz.with_colorbar(pic, cmap, vmin, vmax, label) if bar else pic
 
 
