@@ -152,6 +152,6 @@ def test_inspect_vae_on_the_checkpoint_vae_and_on_the_swapped_one(host, sd15):
     outputs = succeeded(host.run(prompt, timeout=600))
     reports = [json.loads(outputs[k]["text"][0]) for k in ("r_own", "r_swap")]
     for report, k in zip(reports, ("i_own", "i_swap")):
-        assert report["schema"] == 1 and report["summary"]["images"] == 1
+        assert report["schema"] == 2 and report["summary"]["images"] == 1 and "verdict" in report
         assert report["images"][0]["latent_size"] == [8, 8] and outputs[k]["images"]
     assert reports[0]["images"][0] != reports[1]["images"][0]  # two different VAEs, two different posteriors

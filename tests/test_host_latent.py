@@ -245,7 +245,9 @@ def test_compare_workflow_tells_the_smuggler_from_the_clean_vae(host):
     assert (top["y"], top["x"]) == SMUGGLER_CELL
     assert a["psnr_db"] > 5 and b["psnr_db"] > 5
     summary = text_of(outputs, fed_by(prompt, "PreviewAny", compare, 2)).splitlines()
-    assert summary[0].startswith(f"{name_a}: 4 channels, 1 anomalous cells") and summary[1].startswith(f"{name_b}:")
+    assert summary[0].startswith(f"{name_a}: log-variance collapse at {SMUGGLER_CELL}")
+    assert "4 channels, 1 collapsed cells" in summary[0] and summary[1].startswith(f"{name_b}: no black hole found")
+    assert report["verdicts"][name_a]["status"] == "single_image" and report["verdicts"][name_b]["status"] == "none"
     picture = images_of(host, outputs, fed_by(prompt, "SaveImage", compare, 0))[0]
     assert picture.shape[0] >= 256 and picture.shape[1] > 5 * 256  # image, 2 reconstructions, 2 maps, colour bar
     write_thumbnail(COMPARE, picture)
