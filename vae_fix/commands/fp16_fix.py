@@ -1,0 +1,107 @@
+"""`python -m vae_fix fp16-fix`: rescale a KL VAE's weights so half precision cannot overflow, with
+its fp32 outputs unchanged; prove it and write the fixed file in the input's layout."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from ..builders.planted import demo_image
+from ..errors import InputError
+from ..fp16_fix import DEFAULT_HEADROOM, FP16_MAX, fp16_fix
+from ..images import load_image
+from ..probes import probe_images
+from ..result import check_out_dir, write_result
+from ._common import progress
+
+NAME = "fp16-fix"
+HELP = ("Rescale a KL VAE's weights (exactly: every GroupNorm ignores the scale of its input) so no activation "
+        "on the probe images exceeds fp16's range over --headroom, check that fp32 outputs are unchanged and fp16 "
+        "outputs are finite and close, and write the fixed VAE (in the input's layout) only when they are.")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--vae", required=True, help="VAE file (.safetensors/.ckpt/.pt/.pth/.bin) or diffusers folder")
+    p.add_argument("--out", required=True, metavar="FILE", help="the fixed VAE, a .safetensors file (not overwritten)")
+    p.add_argument("--images", metavar="DIR", help="more calibration images (PNG/JPEG/WebP in DIR), beside the probes")
+    p.add_argument("--headroom", type=float, default=DEFAULT_HEADROOM,
+                   help=f"activations are kept under {FP16_MAX:g} / HEADROOM (default {DEFAULT_HEADROOM:g})")
+    p.add_argument("--check-sizes", type=int, nargs="+", default=[512, 1024], metavar="PX",
+                   help="held-out demo pictures the proof also runs on (default 512 1024)")
+    p.add_argument("--report", metavar="DIR", help="folder for fp16_fix.json, summary.txt and activations.png "
+                   "(default: beside --out, named <out>_fp16_report)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout (for scripts)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
+
+
+def run(args) -> int:
+    from ..loader import LoadedVAE, load_vae, save_vae
+
+    out = _out_file(args.out)
+    report = check_out_dir(args.report or out.with_name(out.stem + "_fp16_report"), "--report")
+    images, names = probe_images()
+    extra = _user_images(args.images)
+    held = [demo_image(s, s, None) for s in _sizes(args.check_sizes)]
+    vae = load_vae(args.vae)
+    result = fp16_fix(vae.model, images + [x for x, _ in extra], names + [n for _, n in extra], held_out=held,
+                      held_out_names=[f"demo@{s}" for s in args.check_sizes], headroom=args.headroom,
+                      progress=progress(args, "fp16-fix"))
+    written = result.safe and result.changed
+    if written:
+        _write_atomically(out, lambda path: save_vae(LoadedVAE(result.model.to(_dtype(vae)), vae.file), path, layout=vae.file.layout,
+                                                     metadata={"vae_fix_fp16_fix": f"bound {result.bound:g}"}))
+    write_result(result, report)
+    if args.json:
+        print(result.json_text())
+    elif not args.quiet:
+        print(result.summary())
+        print(f"wrote {out}" if written else f"{out} not written", f"and the report in {report}")
+    return 0 if result.safe else 1
+
+
+def _out_file(text: str) -> Path:
+    out = Path(text)
+    if out.suffix != ".safetensors":
+        raise InputError("--out", f"'{out}' does not end in .safetensors", "a new .safetensors file")
+    if out.exists():
+        raise InputError("--out", f"'{out}' exists", "a new file (the fix never overwrites)")
+    return out
+
+
+def _sizes(sizes: list[int]) -> list[int]:
+    for s in sizes:
+        if not 64 <= s <= 4096 or s % 64:
+            raise InputError("--check-sizes", f"{s}", "sizes in pixels, multiples of 64 from 64 to 4096")
+    return sizes
+
+
+def _user_images(folder) -> list:
+    if not folder:
+        return []
+    path = Path(folder)
+    if not path.is_dir():
+        raise InputError("--images", f"'{path}' is not a folder", "a folder of PNG/JPEG/WebP images")
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise InputError("--images", f"'{path}' holds no PNG/JPEG/WebP image", "a folder with at least one image")
+    return [(load_image(p), str(p)) for p in files]
+
+
+def _dtype(vae):
+    """The dtype the input file stored its weights in (float32 when mixed)."""
+    import torch
+    dtypes = {v.dtype for v in vae.file.state_dict.values()}
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
+
+def _write_atomically(out: Path, write) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".safetensors", dir=out.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
