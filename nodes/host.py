@@ -225,6 +225,13 @@ def _moment_layers(vae):
     return encoder, quant
 
 
+def kl_state_dict(vae) -> dict:
+    """The CompVis-layout weights of a host KL image VAE (CPU copies): what the engine's strict
+    loader validates. InputError naming the kind for any other VAE."""
+    _moment_layers(vae)
+    return {k: v.detach().to("cpu", copy=True) for k, v in vae.first_stage_model.state_dict().items()}
+
+
 def moments_fn(vae) -> Callable[[torch.Tensor], torch.Tensor]:
     """`x [B, 3, H, W]` in -1..1 → raw moments `[B, 2C, h, w]` float32, run by the host's own encoder.
 

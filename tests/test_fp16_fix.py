@@ -9,20 +9,13 @@ import torch
 from vae_fix.builders.planted import demo_image
 from vae_fix.cli import main
 from vae_fix.fp16_fix import MIN_PSNR, fp16_fix
-from vae_fix.fp16_scales import apply_scales, segments
 from vae_fix.loader import load_vae, save_vae
 from vae_fix.model import preset_config, random_vae
 from vae_fix.probes import probe_images
 from vae_fix.repair import psnr
 
+from host_models import overflowing_vae
 from run_cli import run_cli, strict_json
-
-
-def overflowing_vae(family="sd", seed=0, factor=3e4):
-    """A random VAE whose streams are multiplied by `factor` (more in later segments): same function in fp32."""
-    model = random_vae(preset_config(family, small=True), seed).eval()
-    apply_scales(model, {(s.side, s.index): factor * (1 + s.index) for s in segments(model)}, {})
-    return model
 
 
 def fp16_decode(model, image):

@@ -15,7 +15,7 @@ from PIL import Image
 from host_server import API_WORKFLOWS, PACK_FOLDER, WORKFLOWS, assert_registered_with_tooltips
 from run_cli import ROOT
 
-NODE_IDS = ("VAEFixLoadVAE", "VAEFixHealthCheck", "VAEFixInspectVAE", "VAEFixLogVarianceMap", "VAEFixLatentChannelEdit",
+NODE_IDS = ("VAEFixLoadVAE", "VAEFixFp16Fix", "VAEFixHealthCheck", "VAEFixInspectVAE", "VAEFixLogVarianceMap", "VAEFixLatentChannelEdit",
             "VAEFixLatentStatistics", "VAEFixLatentReachMap", "VAEFixLatentCellReach", "VAEFixLatentPreviewRGB",
             "VAEFixRepairLatent", "VAEFixCompareVAEs", "VAEFixConvertVAE")
 FRONTEND_ONLY = {"Note", "MarkdownNote"}  # comments on the canvas: never queued

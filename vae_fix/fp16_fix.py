@@ -192,6 +192,18 @@ def fp16_fix(model: AutoencoderKL, images: list[torch.Tensor], names: list[str],
     return Fp16FixResult(fixed, bound, stream, inner, before, after, proof, held, limits)
 
 
+def fixed_file(result: "Fp16FixResult", source):
+    """The fixed weights as a `VAEFile` like `source` (same layout, metadata, stored dtype), for
+    `loader.save_vae` and the host."""
+    from dataclasses import replace
+
+    dtypes = {v.dtype for v in source.state_dict.values()}
+    dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+    sd = {k: v.detach().to("cpu", dtype).contiguous() for k, v in result.model.state_dict().items()}
+    meta = {**source.metadata, "vae_fix_fp16_fix": f"weights rescaled, activations under {result.bound:g}"}
+    return replace(source, state_dict=sd, metadata=meta, notes=list(source.notes) + ["fp16 fix applied"])
+
+
 def activation_plot(before: dict, after: dict, bound: float, height: int = 260) -> Picture:
     """`[3, H, W]`: largest |activation| per layer (log scale, in call order), before (grey) and
     after (orange), with fp16's limit (red) and the bound (dashed)."""
@@ -209,7 +221,9 @@ def activation_plot(before: dict, after: dict, bound: float, height: int = 260) 
 
     for v, colour, label in ((FP16_MAX, (220, 30, 30), "fp16 max"), (bound, (120, 120, 120), "bound")):
         draw.line([(60, y_of(v)), (width - 10, y_of(v))], fill=colour, width=1)
-        draw.text((2, y_of(v) - 6), label, fill=colour, font=viz.font(10))
+        draw.text((width - 60, y_of(v) - 13), label, fill=colour, font=viz.font(10))
+    for e in range(-2, int(hi) + 1, 2):
+        draw.text((30, y_of(10.0 ** e) - 6), f"1e{e}", fill=(90, 90, 90), font=viz.font(9))
     for i, n in enumerate(names):
         x = 64 + 6 * i
         draw.line([(x, y_of(1e-3)), (x, y_of(before[n]))], fill=(170, 170, 170), width=2)

@@ -111,7 +111,11 @@ def load_vae(path, device="cpu", dtype: torch.dtype = torch.float32) -> LoadedVA
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError, TypeError) as e:
         raise InputError("device", f"{device!r} cannot be used ({e})", "'cpu' or an available accelerator such as 'cuda'") from None
-    file = read_vae(path)
+    return build_model(read_vae(path), device, dtype)
+
+
+def build_model(file: VAEFile, device="cpu", dtype: torch.dtype = torch.float32) -> LoadedVAE:
+    """The engine's model of a validated `VAEFile`: eval mode, requires_grad False."""
     with torch.device("meta"):
         model = AutoencoderKL(file.config)
     # No second copy of the weights: where dtype and device already match, the model's parameters
@@ -119,6 +123,11 @@ def load_vae(path, device="cpu", dtype: torch.dtype = torch.float32) -> LoadedVA
     weights = {k: v.to(device=device, dtype=dtype) for k, v in file.state_dict.items()}
     model.load_state_dict(weights, strict=True, assign=True)
     return LoadedVAE(model.eval().requires_grad_(False), file)
+
+
+def vae_from_state_dict(sd: dict, name: str = "<state dict>") -> VAEFile:
+    """Validate tensors already in memory (a host model's state dict, say) as if read from a file."""
+    return _validate(RawWeights({k: v.detach().cpu() for k, v in sd.items()}, Path(name), "state-dict"), name)
 
 
 def save_vae(vae, path, layout: str = "compvis", metadata: dict | None = None) -> Path:

@@ -85,3 +85,19 @@ def write_result(result: Result, out_dir, extra_files: dict | None = None) -> di
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return data["files"]
+
+
+def write_file_atomically(out, write) -> Path:
+    """`write(path)` into a temporary file beside `out`, then renamed to `out`: a failing write
+    leaves nothing behind. The temporary name keeps `out`'s suffix (writers check it)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=out.suffix, dir=out.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return out

@@ -2,16 +2,14 @@
 its fp32 outputs unchanged; prove it and write the fixed file in the input's layout."""
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 from ..builders.planted import demo_image
 from ..errors import InputError
-from ..fp16_fix import DEFAULT_HEADROOM, FP16_MAX, fp16_fix
+from ..fp16_fix import DEFAULT_HEADROOM, FP16_MAX, fixed_file, fp16_fix
 from ..images import load_image
 from ..probes import probe_images
-from ..result import check_out_dir, write_result
+from ..result import check_out_dir, write_file_atomically, write_result
 from ._common import progress
 
 NAME = "fp16-fix"
@@ -36,7 +34,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ..loader import LoadedVAE, load_vae, save_vae
+    from ..loader import load_vae, save_vae
 
     out = _out_file(args.out)
     report = check_out_dir(args.report or out.with_name(out.stem + "_fp16_report"), "--report")
@@ -49,8 +47,8 @@ def run(args) -> int:
                       progress=progress(args, "fp16-fix"))
     written = result.safe and result.changed
     if written:
-        _write_atomically(out, lambda path: save_vae(LoadedVAE(result.model.to(_dtype(vae)), vae.file), path, layout=vae.file.layout,
-                                                     metadata={"vae_fix_fp16_fix": f"bound {result.bound:g}"}))
+        fixed = fixed_file(result, vae.file)
+        write_file_atomically(out, lambda path: save_vae(fixed, path, layout=vae.file.layout))
     write_result(result, report)
     if args.json:
         print(result.json_text())
@@ -86,22 +84,3 @@ def _user_images(folder) -> list:
     if not files:
         raise InputError("--images", f"'{path}' holds no PNG/JPEG/WebP image", "a folder with at least one image")
     return [(load_image(p), str(p)) for p in files]
-
-
-def _dtype(vae):
-    """The dtype the input file stored its weights in (float32 when mixed)."""
-    import torch
-    dtypes = {v.dtype for v in vae.file.state_dict.values()}
-    return dtypes.pop() if len(dtypes) == 1 else torch.float32
-
-
-def _write_atomically(out: Path, write) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".safetensors", dir=out.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)

@@ -1,0 +1,50 @@
+"""VAE fp16 Fix inside a real ComfyUI server (CPU): a VAE that overflows fp16 (its streams scaled up
+exactly), fixed by the node, then run by core VAE Encode / VAE Decode in fp16, against the same
+file decoded in fp32; saved to models/vae under a new name and loaded back by the strict loader."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from host_models import IMAGE, OVERFLOW
+from host_server import failed, images_of, succeeded
+
+pytestmark = pytest.mark.host
+
+
+def roundtrip(vae_ref: list) -> dict:
+    return {"e": {"class_type": "VAEEncode", "inputs": {"pixels": ["img", 0], "vae": vae_ref}},
+            "d": {"class_type": "VAEDecode", "inputs": {"samples": ["e", 0], "vae": vae_ref}},
+            "s": {"class_type": "PreviewImage", "inputs": {"images": ["d", 0]}}}
+
+
+def load(name: str, dtype: str) -> dict:
+    return {"class_type": "VAEFixLoadVAE", "inputs": {"vae_name": name, "dtype": dtype}}
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(((a.astype(np.float64) - b) ** 2).mean())
+    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
+
+
+def test_the_fixed_vae_runs_in_fp16_in_core_nodes_like_the_original_in_fp32(host):
+    image = {"class_type": "LoadImage", "inputs": {"image": IMAGE}}
+    ref = succeeded(host.run({"img": image, "v": load(OVERFLOW, "fp32"), **roundtrip(["v", 0])}))
+    broken = succeeded(host.run({"img": image, "v": load(OVERFLOW, "fp16"), **roundtrip(["v", 0])}))
+    fixed_prompt = {"img": image, "v": load(OVERFLOW, "fp32"), **roundtrip(["f", 0]),
+                    "f": {"class_type": "VAEFixFp16Fix", "inputs": {"vae": ["v", 0], "headroom": 16.0, "dtype": "fp16",
+                                                                     "save_as": "overflow_fixed.safetensors"}},
+                    "r": {"class_type": "PreviewAny", "inputs": {"source": ["f", 1]}}}
+    fixed = succeeded(host.run(fixed_prompt, timeout=600))
+    want, bad, got = (images_of(host, o, "s")[0] for o in (ref, broken, fixed))
+    assert psnr(bad, want) < 20, "in fp16 the unfixed VAE should be ruined (inf/NaN)"
+    assert psnr(got, want) > 35, "the fixed VAE in fp16 should look like the original in fp32"
+    report = json.loads(fixed["r"]["text"][0])
+    assert report["fp16_safe"] and report["changed"] and report["largest_after"] <= report["bound"] * 1.01
+    assert images_of(host, fixed, "f")[0].shape[1] >= 480  # the activation plot, the node's preview
+    again = succeeded(host.run({"img": image, "v": load("overflow_fixed.safetensors", "fp16"), **roundtrip(["v", 0])}))
+    assert psnr(images_of(host, again, "s")[0], want) > 35, "the saved file is the fix"
+    err = failed(host.run(fixed_prompt))  # the name is taken now: refused, nothing replaced
+    assert err["node_type"] == "VAEFixFp16Fix" and "already exists" in err["exception_message"]
