@@ -19,7 +19,7 @@ import comfy.utils
 import folder_paths
 from comfy.ldm.models.autoencoder import DiagonalGaussianRegularizer
 
-from ..vae_fix.codec import DTYPES, Codec, parse_dtype
+from ..vae_fix.codec import DTYPES, Codec, parse_dtype  # noqa: F401  (DTYPES: re-exported for the nodes)
 from ..vae_fix.errors import InputError, VAELoadError
 from ..vae_fix.progress import ProgressFn
 

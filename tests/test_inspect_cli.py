@@ -224,7 +224,6 @@ def test_report_of_an_in_memory_batch_is_strict_json_even_with_nan():
 
 def test_without_torch_the_cli_names_the_install_command(tmp_path):
     import subprocess
-    import sys
     import venv
 
     venv.create(tmp_path / "bare", with_pip=False)  # a Python with none of the engine's dependencies

@@ -2,7 +2,6 @@
 against the posterior computed by hand from the same VAE."""
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from vae_fix.builders.planted import planted_vae
