@@ -28,7 +28,11 @@ TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 EXPECTED_INPUT = ("a .safetensors file, a .ckpt/.pt/.pth/.bin weights file, or a diffusers folder "
                   "(config.json + diffusion_pytorch_model.safetensors)")
-MAX_HEADER = 100_000_000  # the safetensors format's own limit
+MAX_HEADER = 16_000_000  # bytes of JSON header: a full SDXL checkpoint needs ~0.3 MB (the format allows 100 MB)
+MAX_TENSORS = 20_000     # a full SD3 checkpoint with its text encoders holds ~3,000
+MAX_METADATA = 1_000     # __metadata__ entries
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+               "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
 
 
 @dataclass
@@ -84,17 +88,16 @@ def _read_safetensors(path: Path) -> RawWeights:
     expected = "a complete .safetensors file (8-byte header length, JSON header, tensor data)"
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little") if size >= 8 else -1
-        if n < 0 or n > min(size - 8, MAX_HEADER):
+        if n < 2 or n > min(size - 8, MAX_HEADER):
             raise VAELoadError(path, f"not a valid safetensors file: it is {size} bytes but its first 8 bytes give a "
-                               f"header length of {n} bytes (truncated, or not a safetensors file)", expected)
-        try:
-            header = json.loads(f.read(n))
-            ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
-        except (ValueError, TypeError, KeyError, AttributeError, IndexError) as e:
-            raise VAELoadError(path, f"corrupt safetensors header ({type(e).__name__}: {e})", expected) from None
-    needed = 8 + n + max(ends, default=0)
-    if needed > size:
-        raise VAELoadError(path, f"truncated: its header describes {needed} bytes of data but the file has {size}", expected)
+                               f"header length of {n} bytes (truncated, or not a safetensors file; at most "
+                               f"{MAX_HEADER} read)", expected)
+        header = _parse_header(path, f.read(n), expected)
+    data = size - 8 - n
+    ends = check_header(header, data, path, expected)
+    if ends != data:
+        raise VAELoadError(path, f"truncated or padded: its header describes {8 + n + ends} bytes but the file has {size}",
+                           expected)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = dict(f.metadata() or {})
@@ -102,6 +105,61 @@ def _read_safetensors(path: Path) -> RawWeights:
     except Exception as e:  # safetensors raises its own error types for every kind of damage
         raise VAELoadError(path, f"corrupt safetensors file ({type(e).__name__}: {e})", expected) from None
     return RawWeights(tensors, path, "safetensors", metadata)
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _parse_header(path: Path, raw: bytes, expected: str) -> dict:
+    """The JSON header as a dict; NaN/Infinity and nesting deeper than JSON parsers survive are refused."""
+    try:
+        header = json.loads(raw, parse_constant=_no_constant)
+    except RecursionError:
+        raise VAELoadError(path, "corrupt safetensors header (nested too deeply)", expected) from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise VAELoadError(path, f"corrupt safetensors header ({type(e).__name__}: {str(e)[:200]})", expected) from None
+    if not isinstance(header, dict):
+        raise VAELoadError(path, f"corrupt safetensors header (a JSON {type(header).__name__}, not an object)", expected)
+    return header
+
+
+def check_header(header: dict, data: int, path, expected: str) -> int:
+    """Every entry well-formed (dtype, shape, offsets that fit `data` bytes and agree with the shape),
+    counts bounded, before any tensor is touched. Returns the end of the last tensor."""
+    def bad(why: str):
+        return VAELoadError(path, f"corrupt safetensors header ({why})", expected)
+
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict) or len(meta) > MAX_METADATA or \
+            not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise bad(f"__metadata__ must map at most {MAX_METADATA} strings to strings")
+    if len(header) - ("__metadata__" in header) > MAX_TENSORS:
+        raise bad(f"{len(header)} entries, more than the {MAX_TENSORS} any VAE or checkpoint holds")
+    end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        shown = name[:80]
+        if not isinstance(entry, dict) or not isinstance(entry.get("dtype"), str) or entry["dtype"] not in DTYPE_BYTES:
+            raise bad(f"tensor '{shown}' has no known dtype")
+        shape, offsets = entry.get("shape"), entry.get("data_offsets")
+        if not (isinstance(shape, list) and len(shape) <= 8 and all(_whole(d) for d in shape)):
+            raise bad(f"tensor '{shown}' has an invalid shape")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_whole(o) for o in offsets)
+                and offsets[0] <= offsets[1] <= data):
+            raise bad(f"tensor '{shown}' has data offsets {str(offsets)[:60]} outside the {data} data bytes")
+        count = 1
+        for d in shape:
+            count *= d
+        if count * DTYPE_BYTES[entry["dtype"]] != offsets[1] - offsets[0]:
+            raise bad(f"tensor '{shown}' of shape {shape[:8]} does not fill its {offsets[1] - offsets[0]} bytes")
+        end = max(end, offsets[1])
+    return end
+
+
+def _whole(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 def _read_torch(path: Path) -> RawWeights:
@@ -154,9 +212,12 @@ def _read_folder(path: Path) -> RawWeights:
         folder = path / "vae"
         notes.append("read the vae/ subfolder of a pipeline folder")
     try:
-        config_json = json.loads((folder / "config.json").read_text())
+        config_json = json.loads((folder / "config.json").read_text(), parse_constant=_no_constant)
         if not isinstance(config_json, dict):
             raise ValueError("not a JSON object")
+    except RecursionError:
+        raise VAELoadError(folder / "config.json", "not a valid config file (nested too deeply)",
+                           "a diffusers config.json (a JSON object)") from None
     except (ValueError, OSError, UnicodeDecodeError) as e:
         raise VAELoadError(folder / "config.json", f"not a valid config file ({e})", "a diffusers config.json (a JSON object)") from None
     variants = sorted(folder.glob("diffusion_pytorch_model.*.safetensors")) + sorted(folder.glob("diffusion_pytorch_model.*.bin"))

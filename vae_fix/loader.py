@@ -213,6 +213,9 @@ def _infer(sd: dict, where: str) -> VAEConfig:
         raise VAELoadError(where, f"the key '{key}', from which the architecture is read, is missing",
                            "a complete KL VAE: encoder.conv_in, encoder.down.*, encoder.conv_out, decoder.* "
                            "(CompVis names) or their diffusers equivalents", [key]) from None
+    except ValueError as e:
+        raise VAELoadError(where, f"not a KL VAE architecture: {e}", "the keys of a KL VAE (SD1.x/2.x, SDXL, SD3, Flux, "
+                           "retrained KL-F8)") from None
     except (IndexError, ValueError, ZeroDivisionError) as e:
         raise VAELoadError(where, f"its tensor shapes do not form a KL VAE ({e})", "4-D convolution weights") from None
 
@@ -289,10 +292,10 @@ def _non_finite(key: str, v: torch.Tensor) -> str | None:
 
 def _config_from_metadata(text: str, notes: list) -> dict:
     try:
-        extra = json.loads(text)
+        extra = json.loads(text) if len(text) <= 100_000 else None
         if isinstance(extra, dict):
             return {k: extra[k] for k in layouts.DIFFUSERS_EXTRA_FIELDS if k in extra}
-    except ValueError:
+    except (ValueError, RecursionError):
         pass
     notes.append(f"ignored unreadable '{CONFIG_META_KEY}' metadata")
     return {}

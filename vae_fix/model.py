@@ -19,6 +19,8 @@ from torch import nn
 
 NORM_GROUPS = 32  # every KL-F8 family uses GroupNorm(32, eps=1e-6)
 NORM_EPS = 1e-6
+MAX_LEVELS = 8    # downscale 128: beyond any family (SD 8x, Hunyuan Image 32x)
+MAX_BLOCKS = 16   # res blocks per level (SD: 2)
 
 
 @dataclass(frozen=True)
@@ -279,8 +281,11 @@ def infer_config(sd: Mapping[str, torch.Tensor]) -> VAEConfig:
     levels = _indices(keys, r"encoder\.down\.(\d+)\.")
     if not levels:
         raise KeyError("encoder.down.0.block.0.conv1.weight")
-    mult = tuple(shape(f"encoder.down.{i}.block.0.conv2.weight")[0] // ch for i in levels)
     n_res = len(_indices(keys, r"encoder\.down\.0\.block\.(\d+)\."))
+    if len(levels) > MAX_LEVELS or n_res > MAX_BLOCKS or levels != list(range(len(levels))):
+        raise ValueError(f"{len(levels)} encoder levels (numbered {levels[0]}..{levels[-1]}) of {n_res} blocks; "
+                         f"a KL VAE has 1..{MAX_LEVELS} levels numbered from 0 and at most {MAX_BLOCKS} blocks each")
+    mult = tuple(shape(f"encoder.down.{i}.block.0.conv2.weight")[0] // ch for i in levels)
     attn_levels = tuple(i for i in levels if f"encoder.down.{i}.attn.0.q.weight" in sd)
     enc_out = shape("encoder.conv_out.weight")[0]
     foreign = is_foreign_decoder(sd)
