@@ -182,12 +182,26 @@ def _read_torch(path: Path) -> RawWeights:
     if not isinstance(obj, dict):
         raise VAELoadError(path, f"it holds a {type(obj).__name__}, not a dict of tensors", "a state dict (name → tensor)")
     tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if odd := [k for k, v in tensors.items() if _not_plain(v)]:
+        raise VAELoadError(path, f"{len(odd)} tensors are not plain dense tensors (sparse, on the meta device, or "
+                           "views that repeat a smaller storage, which would grow when read)",
+                           "dense tensors each with its own data, as torch.save writes a state dict", odd[:8])
     skipped = [str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if bad := [k for k in skipped if k.startswith(VAE_ROOTS)]:
         raise VAELoadError(path, "some VAE entries are not tensors", "a tensor for every weight", bad)
     if skipped:
         notes.append(f"skipped {len(skipped)} non-tensor entries ({', '.join(skipped[:5])})")
     return RawWeights(tensors, path, "torch-weights-only", notes=notes)
+
+
+def _not_plain(v: torch.Tensor) -> bool:
+    """Sparse, meta, or a view (stride 0, overlapping) whose storage is smaller than its elements."""
+    if v.layout != torch.strided or v.device.type != "cpu" or v.is_quantized:
+        return True
+    try:
+        return v.numel() > 0 and v.untyped_storage().nbytes() < v.numel() * v.element_size()
+    except RuntimeError:
+        return True
 
 
 def _refusal(message: str) -> str:

@@ -255,8 +255,8 @@ KL_CLASSES = {"AutoencoderKL": "kl", "AutoencoderKLTemporalDecoder": "temporal"}
 def check_diffusers_config(cj: dict, config: VAEConfig, foreign: bool, where) -> None:
     """Raise VAELoadError (naming `where`) when a diffusers config.json disagrees with the weights' config."""
     cls = cj.get("_class_name", "AutoencoderKL")
-    if cls not in KL_CLASSES:
-        raise VAELoadError(where, f"config.json describes a {cls}, not a KL autoencoder",
+    if not isinstance(cls, str) or cls not in KL_CLASSES:
+        raise VAELoadError(where, f"config.json describes a {str(cls)[:80]}, not a KL autoencoder",
                            "_class_name AutoencoderKL (or AutoencoderKLTemporalDecoder)", ["_class_name"])
     if (KL_CLASSES[cls] == "temporal") != foreign:
         kind = "a temporal video decoder" if foreign else "a KL image decoder"

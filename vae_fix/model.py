@@ -261,8 +261,13 @@ def _indices(keys, pattern: str) -> list[int]:
 
 
 def is_foreign_decoder(sd: Mapping[str, torch.Tensor]) -> bool:
-    """True for decoders that are not plain KL decoders (SVD's temporal decoder: time_stack, mix_factor)."""
-    return any(k.startswith("decoder.") and ("time_" in k or "mix_factor" in k) for k in sd)
+    """True for SVD's temporal decoder: every decoder block has its `mix_factor` (and time_stack). A
+    stray `time_*` key alone is damage, left for the key check to name, not a family."""
+    if not any(k.startswith("decoder.") and ("time_" in k or "mix_factor" in k) for k in sd):
+        return False
+    blocks = {k[:-len(".conv1.weight")] for k in sd if k.startswith("decoder.") and k.endswith(".conv1.weight")}
+    return bool(blocks) and all(f"{b}.mix_factor" in sd and any(k.startswith(f"{b}.time_stack.") for k in sd)
+                                for b in blocks)
 
 
 def infer_config(sd: Mapping[str, torch.Tensor]) -> VAEConfig:
