@@ -1,6 +1,8 @@
 """Image files ↔ tensors. Engine images are `[B, 3, H, W]` float32 in 0..1."""
 from __future__ import annotations
 
+import struct
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -10,19 +12,45 @@ from PIL import Image, UnidentifiedImageError
 from .errors import InputError
 
 
+MAX_PIXELS = 40_000_000  # 6300 x 6300: far above what any VAE is run on, far below a decompression bomb
+EXPECTED_IMAGE = f"a PNG, JPEG or WebP image file of at most {MAX_PIXELS:,} pixels"
+_DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, struct.error,
+                  Image.DecompressionBombError, Image.DecompressionBombWarning, ZeroDivisionError)
+
+
 def load_image(path) -> torch.Tensor:
-    """An image file → `[1, 3, H, W]` float32 in 0..1. Alpha is dropped, greyscale expanded."""
+    """An image file → `[1, 3, H, W]` float32 in 0..1. Alpha is dropped, greyscale expanded, 16-bit
+    greyscale scaled (not clipped). The size is checked before any pixel is decoded."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"image '{path}'", "no such file", "a PNG, JPEG or WebP image file")
+        raise InputError(f"image '{path}'", "no such file", EXPECTED_IMAGE)
     try:
-        with Image.open(path) as im:
-            im.load()
-            rgb = im.convert("RGB")
-    except (UnidentifiedImageError, OSError) as e:
-        raise InputError(f"image '{path}'", f"not a readable image ({e})", "a PNG, JPEG or WebP image file") from None
-    arr = np.asarray(rgb, dtype=np.float32) / 255.0
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # corrupt EXIF and the like: the outcome is reported
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                w, h = im.size
+                if w * h > MAX_PIXELS or w < 1 or h < 1:
+                    raise InputError(f"image '{path}'", f"it is {w}x{h} pixels", EXPECTED_IMAGE)
+                im.load()
+                arr = _as_rgb_array(im)
+    except _DECODE_ERRORS as e:
+        detail = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise InputError(f"image '{path}'", f"not a readable image ({detail})", EXPECTED_IMAGE) from None
     return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0).contiguous()
+
+
+def _as_rgb_array(im: Image.Image) -> np.ndarray:
+    """`[H, W, 3]` float32 0..1; 16- and 32-bit greyscale by their own range."""
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        grey = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or grey.max() <= 65535 else float(2 ** 31 - 1)
+        grey = (grey.clip(0, top) / top).astype(np.float32)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    if im.mode == "F":
+        grey = np.asarray(im, dtype=np.float32).clip(0, 1)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    return np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
 
 
 def to_uint8(image: torch.Tensor) -> np.ndarray:
