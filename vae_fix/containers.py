@@ -83,9 +83,10 @@ def _check_size(path: Path) -> int:
     return size
 
 
-def _read_safetensors(path: Path) -> RawWeights:
+def safetensors_header(path: Path, expected: str) -> dict:
+    """The checked JSON header of a safetensors file (`check_header`): bounded and coherent before
+    any tensor is read. VAELoadError naming the file otherwise."""
     size = _check_size(path)
-    expected = "a complete .safetensors file (8-byte header length, JSON header, tensor data)"
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little") if size >= 8 else -1
         if n < 2 or n > min(size - 8, MAX_HEADER):
@@ -98,6 +99,12 @@ def _read_safetensors(path: Path) -> RawWeights:
     if ends != data:
         raise VAELoadError(path, f"truncated or padded: its header describes {8 + n + ends} bytes but the file has {size}",
                            expected)
+    return header
+
+
+def _read_safetensors(path: Path) -> RawWeights:
+    expected = "a complete .safetensors file (8-byte header length, JSON header, tensor data)"
+    safetensors_header(path, expected)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = dict(f.metadata() or {})

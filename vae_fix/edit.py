@@ -61,12 +61,18 @@ def parse_batch(spec, batch: int, name: str = "batch") -> list[int]:
     return parse_indices(spec, batch, name, "batch item", empty_means_all=True)
 
 
+MAX_LATENT_CHANNELS = 1024
+
+
 def check_latent(z, name: str = "latent") -> torch.Tensor:
     if not isinstance(z, torch.Tensor) or z.dim() != 4:
         got = f"shape {list(z.shape)}" if isinstance(z, torch.Tensor) else type(z).__name__
         raise InputError(name, f"got {got}", "a tensor [B, C, h, w]")
     if not z.is_floating_point():
         raise InputError(name, f"dtype {z.dtype} is not floating point", "a float tensor")
+    if 0 in z.shape or z.shape[1] > MAX_LATENT_CHANNELS:
+        raise InputError(name, f"shape {list(z.shape)}", f"a latent [B, C, h, w] with no empty dimension and at most "
+                         f"{MAX_LATENT_CHANNELS} channels (the largest VAEs have 64)")
     return z
 
 

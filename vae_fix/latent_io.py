@@ -19,6 +19,10 @@ def read_latent(path, allow_nonfinite: bool = False) -> torch.Tensor:
     does), `samples`, `mean` (inspect --save-moments), `latent`, or a file with a single tensor.
     """
     from safetensors import SafetensorError
+
+    from .containers import safetensors_header
+    from .edit import MAX_LATENT_CHANNELS
+    from .errors import VAELoadError
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -26,7 +30,10 @@ def read_latent(path, allow_nonfinite: bool = False) -> torch.Tensor:
     if not path.is_file():
         raise InputError(f"latent '{path}'", "no such file", expected)
     try:
+        safetensors_header(path, expected)  # bounded and coherent before safetensors reads anything
         tensors = load_file(str(path))
+    except VAELoadError as e:
+        raise InputError(f"latent '{path}'", e.problem, expected) from None
     except (SafetensorError, OSError, ValueError) as e:
         raise InputError(f"latent '{path}'", f"not a readable safetensors file ({e})", expected) from None
     key = next((k for k in LATENT_KEYS if k in tensors), None)
@@ -43,6 +50,9 @@ def read_latent(path, allow_nonfinite: bool = False) -> torch.Tensor:
         z = z[None]
     if z.dim() != 4:
         raise InputError(f"latent '{path}'", f"tensor '{key}' has shape {list(z.shape)}", expected)
+    if 0 in z.shape or z.shape[1] > MAX_LATENT_CHANNELS:
+        raise InputError(f"latent '{path}'", f"tensor '{key}' has shape {list(z.shape)}",
+                         f"a latent [B, C, h, w] with no empty dimension and at most {MAX_LATENT_CHANNELS} channels")
     bad = int((~torch.isfinite(z)).sum())
     if bad and not (allow_nonfinite and bad < z.numel()):
         raise InputError(f"latent '{path}'", f"tensor '{key}' holds {bad} non-finite values (NaN/Inf) of {z.numel()}",
