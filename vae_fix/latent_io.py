@@ -33,7 +33,7 @@ def read_latent(path, allow_nonfinite: bool = False) -> torch.Tensor:
         safetensors_header(path, expected)  # bounded and coherent before safetensors reads anything
         tensors = load_file(str(path))
     except VAELoadError as e:
-        raise InputError(f"latent '{path}'", e.problem, expected) from None
+        raise InputError(f"latent '{path}'", f"not a readable safetensors file ({e.problem})", expected) from None
     except (SafetensorError, OSError, ValueError) as e:
         raise InputError(f"latent '{path}'", f"not a readable safetensors file ({e})", expected) from None
     key = next((k for k in LATENT_KEYS if k in tensors), None)
