@@ -11,7 +11,7 @@ except ModuleNotFoundError as e:  # not inside ComfyUI; any other import problem
         raise
     ComfyExtension = None
 
-WEB_DIRECTORY = "./web"  # web/docs/<NodeId>.md are the nodes' help pages
+WEB_DIRECTORY = "./web"  # web/docs/<NodeId>.md (and <NodeId>/en.md, asked for first) are the help pages
 
 if ComfyExtension is not None:
     from .nodes import all_nodes

@@ -37,9 +37,10 @@ def test_pack_imported_without_errors(host):
 
 
 def test_help_pages_are_served_where_the_frontend_looks(host):
-    for node_id in NODE_IDS:  # the frontend fetches /extensions/<pack folder>/docs/<node id>.md
-        page = host.get(f"/extensions/{PACK_FOLDER}/docs/{node_id}.md").decode()
-        assert page == (ROOT / "web" / "docs" / f"{node_id}.md").read_text()
+    for node_id in NODE_IDS:  # the frontend asks for docs/<node id>/<locale>.md, then docs/<node id>.md
+        expected = (ROOT / "web" / "docs" / f"{node_id}.md").read_text()
+        assert host.get(f"/extensions/{PACK_FOLDER}/docs/{node_id}/en.md").decode() == expected
+        assert host.get(f"/extensions/{PACK_FOLDER}/docs/{node_id}.md").decode() == expected
 
 
 def test_example_workflows_are_templates(host):

@@ -75,6 +75,8 @@ def test_every_node_has_a_prefixed_id_and_a_help_page():
         page = REPO / "web" / "docs" / f"{node_id}.md"
         assert page.is_file(), f"missing help page {page.relative_to(REPO)}"
         text = page.read_text()
+        localized = REPO / "web" / "docs" / node_id / "en.md"  # asked for first; the flat page serves other locales
+        assert localized.is_file() and localized.read_text() == text, f"{localized.relative_to(REPO)} differs from {page.name}"
         assert text.startswith("# ") and len(text) > 400, f"{page.name} is too thin to help anyone"
 
 
