@@ -154,8 +154,11 @@ def check_header(header: dict, data: int, path, expected: str) -> int:
         if not (isinstance(shape, list) and len(shape) <= 8 and all(_whole(d) for d in shape)):
             raise bad(f"tensor '{shown}' has an invalid shape")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(_whole(o) for o in offsets)
-                and offsets[0] <= offsets[1] <= data):
-            raise bad(f"tensor '{shown}' has data offsets {str(offsets)[:60]} outside the {data} data bytes")
+                and offsets[0] <= offsets[1]):
+            raise bad(f"tensor '{shown}' has invalid data offsets {str(offsets)[:60]}")
+        if offsets[1] > data:
+            raise VAELoadError(path, f"truncated: its header describes tensor '{shown}' ending at data byte "
+                               f"{offsets[1]} but the file holds {data} data bytes", expected)
         count = 1
         for d in shape:
             count *= d
