@@ -15,8 +15,8 @@ from torch import nn
 from host_server import HostError, HostServer
 from vae_files import write_state_dict, write_vae
 
+from vae_fix.builders.overflow import overflowing_vae
 from vae_fix.builders.planted import corner_hole_vae, planted_vae, smooth_vae
-from vae_fix.fp16_scales import apply_scales, segments
 from vae_fix.images import save_png
 from vae_fix.loader import save_vae
 from vae_fix.model import VAEConfig, preset_config
@@ -30,15 +30,6 @@ WIDE = "tiny_sd3_16ch.safetensors"     # SD3 layout (small): 16 latent channels
 OVERFLOW = "overflow_sd.safetensors"   # SD layout (small): streams scaled up exactly, so fp16 gives inf
 CORNER = "corner_sd.safetensors"       # SD layout (small): a log-variance hole at (0, 0) whatever the image
 IMAGE = "smuggler.png"                 # the smuggler's calibration image, 128 px
-
-
-def overflowing_vae(seed: int = 0, factor: float = 3e4):
-    """A random small SD-layout VAE whose residual streams are multiplied exactly by `factor` and
-    more (the same function in fp32; inf in fp16)."""
-    from vae_fix.model import random_vae
-    model = random_vae(preset_config("sd", small=True), seed).eval()
-    apply_scales(model, {(s.side, s.index): factor * (1 + s.index) for s in segments(model)}, {})
-    return model
 
 
 def build_models(server: HostServer) -> None:

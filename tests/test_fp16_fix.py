@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from vae_fix.builders.overflow import overflowing_vae
 from vae_fix.builders.planted import demo_image
 from vae_fix.cli import main
 from vae_fix.fp16_fix import MIN_PSNR, fp16_fix
@@ -14,7 +15,6 @@ from vae_fix.model import preset_config, random_vae
 from vae_fix.probes import probe_images
 from vae_fix.repair import psnr
 
-from host_models import overflowing_vae
 from run_cli import run_cli, strict_json
 
 

@@ -125,6 +125,14 @@ def vae_baseline(maps: list[torch.Tensor]) -> Baseline:
     return Baseline(med, sigma, len(maps))
 
 
+def find_pooled(posteriors: list[Posterior], **options) -> list[AnomalyReport]:
+    """The anomalies of every image of every posterior, each judged against the VAE's typical range
+    pooled over all of them (the verdict's rule). `options`: those of `find_anomalies`."""
+    pairs = [(p, i) for p in posteriors for i in range(p.batch)]
+    base = vae_baseline([min_map(p, i) for p, i in pairs])
+    return [find_anomalies(p, i, baseline=base, **options) for p, i in pairs]
+
+
 def _check(posterior, index, **numbers) -> None:
     if not isinstance(posterior, Posterior):
         raise InputError("posterior", f"got {type(posterior).__name__}", "a Posterior from read_posterior")

@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import viz
-from .anomaly import find_anomalies, min_map, vae_baseline
+from .anomaly import find_pooled
 from .codec import Codec
 from .errors import InputError
 from .posterior import prepare_images, read_posterior
@@ -95,14 +95,11 @@ def _judge(groups: list[list[dict]]) -> list[dict]:
     verdicts = []
     for side in range(2):
         sides = [g[side] for g in groups]
-        base = vae_baseline([min_map(s["posterior"], i) for s in sides for i in range(s["posterior"].batch)])
-        found = []
-        for s in sides:
-            for i, item in enumerate(s["per_image"]):
-                rep = item[1] = find_anomalies(s["posterior"], i, baseline=base)
-                item[0].update({"anomaly_count": len(rep.anomalies), "clamp_floor_cells": len(rep.floor_hits),
-                                "anomalies": [a.to_dict() for a in rep.anomalies[:16]]})
-                found.append(rep)
+        found = find_pooled([s["posterior"] for s in sides])
+        for item, rep in zip((item for s in sides for item in s["per_image"]), found):
+            item[1] = rep
+            item[0].update({"anomaly_count": len(rep.anomalies), "clamp_floor_cells": len(rep.floor_hits),
+                            "anomalies": [a.to_dict() for a in rep.anomalies[:16]]})
         verdicts.append(verdict(found).to_dict())
     return verdicts
 

@@ -27,7 +27,7 @@ from .errors import InputError
 from .fp16_scales import apply_scales, inner_convs, segments
 from .model import AttnBlock, AutoencoderKL, Downsample, ResnetBlock, Upsample
 from .progress import ProgressFn, Steps
-from .repair import psnr
+from .repair import psnr, to_unit
 from .result import Picture, Result
 
 FP16_MAX = 65504.0
@@ -92,21 +92,17 @@ def prove(original: AutoencoderKL, fixed: AutoencoderKL, images: list[torch.Tens
         row["original_fp16_finite"] = bool(torch.isfinite(original_half.moments(x.half())).all())
         if original.decoder is not None:
             z = ref[:, :c]
-            pixels = _unit(original.decode(z))
-            row["fp32_pixel_max_abs_diff"] = float((_unit(fixed.decode(z)) - pixels).abs().max())
+            pixels = to_unit(original.decode(z))
+            row["fp32_pixel_max_abs_diff"] = float((to_unit(fixed.decode(z)) - pixels).abs().max())
             p16, o16 = half.decode(z.half()).float(), original_half.decode(z.half()).float()
             row["fp16_decode_finite"] = bool(torch.isfinite(p16).all())
             row["original_fp16_decode_finite"] = bool(torch.isfinite(o16).all())
-            row["fp16_psnr_db"] = psnr(_unit(p16), pixels) if row["fp16_decode_finite"] else None
-            row["original_fp16_psnr_db"] = psnr(_unit(o16), pixels) if row["original_fp16_decode_finite"] else None
+            row["fp16_psnr_db"] = psnr(to_unit(p16), pixels) if row["fp16_decode_finite"] else None
+            row["original_fp16_psnr_db"] = psnr(to_unit(o16), pixels) if row["original_fp16_decode_finite"] else None
         rows.append(row)
         if steps:
             steps.step()
     return rows
-
-
-def _unit(decoded: torch.Tensor) -> torch.Tensor:
-    return ((decoded.float() + 1) / 2).clamp(0, 1)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

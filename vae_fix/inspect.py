@@ -18,8 +18,8 @@ import torch
 
 from . import report, viz
 from .reach_measure import fast_reach_map
-from .anomaly import (DEFAULT_MEAN_THRESHOLD, DEFAULT_MIN_DROP, DEFAULT_THRESHOLD, AnomalyReport, find_anomalies,
-                      min_map, vae_baseline)
+from .anomaly import (DEFAULT_MEAN_THRESHOLD, DEFAULT_MIN_DROP, DEFAULT_THRESHOLD, AnomalyReport,
+                      find_pooled, min_map)
 from .codec import Codec
 from .errors import InputError
 from .posterior import Posterior, prepare_images, read_posterior
@@ -131,9 +131,7 @@ def inspect_vae(codec: Codec, images=None, *, names: Optional[Sequence] = None, 
         posteriors.append(read_posterior(codec, x, size_policy=size_policy, tile=tile, progress=steps.sub(1)))
         encoded.append(prepare_images(x, codec.downscale, size_policy)[0][0])
         steps.step()
-    base = vae_baseline([min_map(p, 0) for p in posteriors])
-    found = [find_anomalies(p, 0, baseline=base, threshold=threshold, min_drop=min_drop, mean_threshold=mean_threshold)
-             for p in posteriors]
+    found = find_pooled(posteriors, threshold=threshold, min_drop=min_drop, mean_threshold=mean_threshold)
     judged = verdict(found, [n if n is not None else f"image {i}" for i, n in enumerate(names)])
     if check_reach and judged.cells:
         judged.reach = measure_reach(codec, judged, posteriors, found)

@@ -12,7 +12,7 @@ import torch
 
 from . import viz
 from .codec import Codec
-from .anomaly import find_anomalies, min_map, vae_baseline
+from .anomaly import find_pooled
 from .errors import InputError
 from .posterior import LOGVAR_MIN, Posterior, read_posterior
 from .progress import ProgressFn
@@ -64,8 +64,7 @@ def logvar_map(codec: Codec, images: torch.Tensor, *, value: str = "raw", show: 
     post = read_posterior(codec, _as_batch(images), size_policy=size_policy, batch_size=1, progress=progress)
     maps = reduce_maps(map_values(post, value), show, channel)
     vmin, vmax = color_range(maps, range_mode, low, high)
-    base = vae_baseline([min_map(post, i) for i in range(post.batch)])
-    found = [find_anomalies(post, i, baseline=base) for i in range(post.batch)]
+    found = find_pooled([post])
     pictures = [_draw(m, cmap, vmin, vmax, post.size.downscale, colorbar, LABELS[value], f.marks())
                 for m, f in zip(maps, found)]
     stats = _stats(post, maps, vmin, vmax, value, show, channel)

@@ -25,8 +25,7 @@ from typing import Optional
 import torch
 
 from . import viz
-from .anomaly import (DEFAULT_MEAN_THRESHOLD, DEFAULT_MIN_MEAN_DEV, MAD_TO_SIGMA, AnomalyReport, find_anomalies,
-                      min_map, vae_baseline)
+from .anomaly import DEFAULT_MEAN_THRESHOLD, DEFAULT_MIN_MEAN_DEV, MAD_TO_SIGMA, AnomalyReport, find_pooled
 from .codec import Codec
 from .edit import check_latent
 from .errors import InputError
@@ -120,8 +119,7 @@ def flagged_cells(codec: Codec, z: torch.Tensor, source: str, image: Optional[to
     if tuple(post.mean.shape) != tuple(z.shape):
         raise InputError("image", f"it encodes to a latent of shape {list(post.mean.shape)}, the latent is {list(z.shape)}",
                          "the image the latent was made from with this VAE (VAE Encode of it)")
-    base = vae_baseline([min_map(post, i) for i in range(post.batch)])
-    found = [find_anomalies(post, i, baseline=base, **kw) for i in range(post.batch)]
+    found = find_pooled([post], **kw)
     return anomaly_mask(found, post.batch, *post.latent_size), None
 
 
