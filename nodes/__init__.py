@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-NODE_MODULES = ["loader", "convert", "fp16_fix", "health", "inspect", "logvar_map", "edit", "stats", "reach", "latent_preview", "repair", "compare"]
+NODE_MODULES = ["loader", "convert", "fp16_fix", "health", "inspect", "logvar_map", "edit", "safe", "stats", "reach", "latent_preview", "repair", "compare"]
 
 
 def all_nodes() -> list:

@@ -7,6 +7,7 @@ Layouts: images `[B, 3, H, W]` in -1..1 for `moments_fn`; moments `[B, 2C, h, w]
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 from typing import Callable
@@ -14,12 +15,13 @@ from typing import Callable
 import torch
 
 import comfy.model_management as mm
+import comfy.model_patcher
 import comfy.sd
 import comfy.utils
 import folder_paths
 from comfy.ldm.models.autoencoder import DiagonalGaussianRegularizer
 
-from ..vae_fix.codec import DTYPES, Codec, parse_dtype  # noqa: F401  (DTYPES: re-exported for the nodes)
+from ..vae_fix.codec import DTYPES, Codec, dtype_name, parse_dtype, with_fp32_retry  # noqa: F401  (DTYPES: re-exported for the nodes)
 from ..vae_fix.errors import InputError, VAELoadError
 from ..vae_fix.progress import ProgressFn
 
@@ -268,8 +270,33 @@ def codec(vae, name: str = "vae", input_name: str = "vae") -> Codec:
     except InputError as e:
         parts["no_decoder"] = e.problem
     info = {"path": "from ComfyUI", "layout": type(vae.first_stage_model).__name__, **vae_summary(vae)}
-    return Codec(name, int(vae.latent_channels), downscale(vae), torch.device(vae.output_device), vae.vae_dtype,
-                 info=info, input_name=input_name, **parts)
+    return with_fp32_retry(Codec(name, int(vae.latent_channels), downscale(vae), torch.device(vae.output_device),
+                                 vae.vae_dtype, info=info, input_name=input_name,
+                                 fp32=lambda: codec(fp32_twin(vae), name, input_name), **parts))
+
+
+def fp32_twin(vae) -> "comfy.sd.VAE":
+    """The same host VAE computing in float32, for redoing what half precision could not: a copy of
+    its model (the input VAE is not touched) under its own ModelPatcher, so ComfyUI's model
+    management places, offloads and frees it like any other model."""
+    if vae.vae_dtype == torch.float32:
+        return vae
+    twin = copy.copy(vae)
+    twin.first_stage_model = copy.deepcopy(vae.first_stage_model).to(device=vae.patcher.offload_device,
+                                                                         dtype=torch.float32)
+    twin.vae_dtype = torch.float32
+    twin.patcher = comfy.model_patcher.ModelPatcher(twin.first_stage_model, load_device=vae.device,
+                                                    offload_device=vae.patcher.offload_device)
+    return twin
+
+
+def core_attempts(vae, call: str, x: torch.Tensor) -> list:
+    """Core's own `vae.decode` / `vae.encode` (its batching, its tiles on out-of-memory) in the VAE's
+    dtype, then on its float32 twin: the attempts of `safe.first_finite`."""
+    attempts = [(dtype_name(vae.vae_dtype), lambda: getattr(vae, call)(x))]
+    if vae.vae_dtype != torch.float32:
+        attempts.append(("float32", lambda: getattr(fp32_twin(vae), call)(x)))
+    return attempts
 
 
 # ---------------------------------------------------------------- progress and cancel

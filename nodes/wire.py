@@ -26,6 +26,14 @@ def image_to_engine(image, name: str = "image") -> torch.Tensor:
     return x.movedim(-1, 1).float().contiguous()
 
 
+def image_rgb(image, name: str = "image") -> torch.Tensor:
+    """The RGB channels of an IMAGE `[B, H, W, C]` (a view, as core's VAE Encode takes them)."""
+    if not isinstance(image, torch.Tensor) or image.dim() != 4 or image.shape[-1] < 3:
+        got = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+        raise InputError(name, f"got {got}", IMAGE_EXPECTED)
+    return image[..., :3]
+
+
 def engine_to_image(x: torch.Tensor) -> torch.Tensor:
     """Engine `[3, H, W]` or `[B, 3, H, W]` 0..1 → IMAGE `[B, H, W, 3]` float32 on the CPU."""
     if x.dim() == 3:
@@ -52,6 +60,15 @@ def latent_samples(latent, name: str = "latent") -> torch.Tensor:
     if not isinstance(samples, torch.Tensor) or samples.dim() != 4:
         got = tuple(samples.shape) if isinstance(samples, torch.Tensor) else type(latent).__name__
         raise InputError(name, f"got {got}", "a ComfyUI LATENT with 'samples' of shape [B, C, h, w]")
+    return samples
+
+
+def any_latent_samples(latent, name: str = "latent") -> torch.Tensor:
+    """The samples of a LATENT of any family: `[B, C, h, w]` images or `[B, C, T, h, w]` video."""
+    samples = latent.get("samples") if isinstance(latent, dict) else None
+    if not isinstance(samples, torch.Tensor) or samples.dim() not in (3, 4, 5):
+        got = tuple(samples.shape) if isinstance(samples, torch.Tensor) else type(latent).__name__
+        raise InputError(name, f"got {got}", "a ComfyUI LATENT with 'samples' [B, C, h, w] or [B, C, T, h, w]")
     return samples
 
 

@@ -39,6 +39,8 @@ class Codec:
     no_moments: str = "it has no posterior variance to read"
     no_decoder: str = "it has no image decoder"
     input_name: str = "vae"                  # how errors name this VAE (a node input, a CLI flag)
+    fp32: Optional[Callable[[], "Codec"]] = None  # the same VAE computing in float32 (half-precision codecs)
+    retries: list = field(default_factory=list)   # one record per call redone in float32, in order
 
     def need_moments(self) -> MomentsFn:
         if self.moments is None:
@@ -54,6 +56,49 @@ class Codec:
     def renamed(self, name: str, input_name: Optional[str] = None) -> "Codec":
         from dataclasses import replace
         return replace(self, name=name, input_name=input_name or self.input_name)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def non_finite(t: torch.Tensor) -> int:
+    return int(t.numel() - torch.isfinite(t).sum()) if t.is_floating_point() else 0
+
+
+def redo_note(record: dict) -> str:
+    return (f"{record['call']} in {record['dtype']} gave {record['non_finite']:,} non-finite values of "
+            f"{record['of']:,}: redone in float32")
+
+
+def with_fp32_retry(codec: Codec) -> Codec:
+    """`codec` whose moments and decodes are redone in float32 when its half precision gives a
+    non-finite value (an fp16 overflow: black or NaN images), each redo recorded in `retries`
+    ({"call", "dtype", "non_finite", "of"}). A float32 codec, or one without `fp32`, is returned as is."""
+    if codec.dtype == torch.float32 or codec.fp32 is None:
+        return codec
+    twin: list[Codec] = []  # the float32 codec, built on first need and kept
+    retries: list = []
+
+    def guarded(name: str, fn):
+        if fn is None:
+            return None
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            out = fn(x)
+            bad = non_finite(out)
+            if not bad:
+                return out
+            if not twin:
+                twin.append(codec.fp32())
+            retries.append({"call": name, "dtype": dtype_name(codec.dtype), "non_finite": bad, "of": out.numel()})
+            return getattr(twin[0], name)(x)
+        run.unguarded = fn
+        return run
+
+    from dataclasses import replace
+    return replace(codec, moments=guarded("moments", codec.moments), decode=guarded("decode", codec.decode),
+                   decode_grad=guarded("decode_grad", codec.decode_grad), retries=retries)
 
 
 def model_codec(model: torch.nn.Module, name: str = "vae", info: Optional[dict] = None,
@@ -74,10 +119,16 @@ def model_codec(model: torch.nn.Module, name: str = "vae", info: Optional[dict] 
         return model.decode(z.to(device=device, dtype=dtype)).float()
 
     has_decoder = bool(getattr(model, "has_decoder", True))
-    return Codec(name, model.config.latent_channels, model.config.downscale, device, dtype,
-                 moments=moments, decode=decode if has_decoder else None,
-                 decode_grad=decode_grad if has_decoder else None, info=dict(info or {}),
-                 no_decoder="only its encoder was loaded (the file has no KL decoder)", input_name=input_name)
+
+    def fp32() -> Codec:  # a float32 copy of the model, for the redo of a non-finite half-precision result
+        import copy
+        return model_codec(copy.deepcopy(model).float(), name, info, input_name)
+
+    return with_fp32_retry(Codec(
+        name, model.config.latent_channels, model.config.downscale, device, dtype,
+        moments=moments, decode=decode if has_decoder else None, decode_grad=decode_grad if has_decoder else None,
+        info=dict(info or {}), no_decoder="only its encoder was loaded (the file has no KL decoder)",
+        input_name=input_name, fp32=fp32))
 
 
 # The one dtype table of the pack (nodes and CLI). "auto": the host chooses (the CLI: float32).

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .codec import Codec, MomentsFn
+from .codec import Codec, MomentsFn, redo_note
 from .errors import InputError
 from .progress import ProgressFn, Steps
 
@@ -265,7 +265,7 @@ def read_posterior(codec: Codec, images: torch.Tensor, *, size_policy: str = "cr
     tiling, chunks, notes = None, [], []
     if tile is not None:
         tiling = Tiling(tile, tile_overlap, _count_tiles(x.shape, downscale, tile), "requested")
-    steps = Steps(progress, total)
+    steps, redone = Steps(progress, total), len(codec.retries)
     with torch.no_grad():
         for start in range(0, total, step):
             part = (x[start:start + step] * 2.0 - 1.0).to(device=codec.device, dtype=codec.dtype)
@@ -274,6 +274,7 @@ def read_posterior(codec: Codec, images: torch.Tensor, *, size_policy: str = "cr
             steps.step(part.shape[0])
     if tiling is not None and tiling.reason != "requested":
         notes.append(f"out of memory on the whole image: {tiling.describe()}")
+    notes.extend(redo_note(r) for r in codec.retries[redone:])
     moments = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
     return posterior_from_moments(moments, size, tiling, notes)
 
