@@ -312,6 +312,13 @@ def progress_fn() -> ProgressFn:
     return progress
 
 
+def show_text(node_id, text: str) -> None:
+    """A line of text on the node in the browser (ComfyUI's progress text), e.g. a cost before long work."""
+    from server import PromptServer
+    if node_id is not None and getattr(PromptServer, "instance", None) is not None:
+        PromptServer.instance.send_progress_text(text, node_id)
+
+
 # ---------------------------------------------------------------- decoding (with gradients when asked)
 # ComfyUI runs every node inside `torch.inference_mode()`, so the host model's weights are inference
 # tensors, which autograd refuses to save for backward. The differentiable decode therefore runs the

@@ -19,7 +19,9 @@ FACTOR_TIP = "Only for mode 'scale': the cell is multiplied by this (e.g. 2 or 0
 WINDOW_TIP = ("Near field, in latent cells around the cell (3: a 7x7-cell box, 56 px for SD). Changes inside it "
               "are expected; the reach is what changes outside it.")
 INDEX_TIP = "Which latent of the batch to measure (0-based)."
-CELLS_EXAMPLE = "'9,21' or '9,21; 3,4' (y,x latent cells, 0-based), empty for every cell"
+CELLS_EXAMPLE = ("'9,21' or '9,21; 3,4' (y,x latent cells, 0-based); empty: the reach map's 8 strongest cells; "
+                 "'all': every cell (one decode each: 1,025 for a 512 px SD image; the cost is shown on the node "
+                 "before it starts, and Cancel stops it)")
 
 
 class LatentReachMap(io.ComfyNode):
@@ -98,6 +100,7 @@ class LatentCellReach(io.ComfyNode):
                                 tooltip="Optional: connect Latent Reach Map's top_cells here to measure those cells; "
                                         "when connected, 'cells' is ignored."),
             ],
+            hidden=[io.Hidden.unique_id],
             outputs=[
                 io.Image.Output("map", display_name="map",
                                 tooltip="Mean far change of each measured cell on the latent grid (grey: not measured)."),
@@ -114,10 +117,11 @@ class LatentCellReach(io.ComfyNode):
     @classmethod
     def execute(cls, vae, latent, cells, mode, factor, window, index, batch_size, colormap,
                 top_cells=None) -> io.NodeOutput:
-        # every cell when nothing is asked for: the node's cells are never the reach map's (that is top_cells)
-        chosen = (reach.read_cells(cells, "cells", empty="all") if top_cells is None
-                  else reach.read_cells(top_cells, "top_cells", empty="all"))
-        result = reach.cell_reach(host.codec(vae), wire.latent_samples(latent), chosen, mode=mode, factor=factor,
+        chosen = (reach.read_cells(cells, "cells") if top_cells is None  # blank: the reach map's top cells
+                  else reach.read_cells(top_cells, "top_cells"))
+        z = wire.latent_samples(latent)
+        host.show_text(cls.hidden.unique_id, "measuring " + reach.cost_text(z, chosen))
+        result = reach.cell_reach(host.codec(vae), z, chosen, mode=mode, factor=factor,
                                   window=window, index=index, batch_size=batch_size, cmap=colormap,
                                   progress=host.progress_fn())
         pictures = {name: wire.engine_to_image(pic) for name, pic in result.pictures().items()}

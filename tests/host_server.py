@@ -201,6 +201,7 @@ class EventStream:
 
     def __init__(self, port: int, client_id: str):
         self.messages: list[dict] = []
+        self.texts: list[tuple[str, str]] = []  # (node id, text) of binary TEXT events
         self._lock = threading.Lock()
         self._sock = socket.create_connection(("127.0.0.1", port), timeout=30)
         key = base64.b64encode(os.urandom(16)).decode()
@@ -252,8 +253,17 @@ class EventStream:
                 if fin and kind == 1 and opcode in (0, 1):
                     with self._lock:
                         self.messages.append(json.loads(b"".join(parts)))
+                elif fin and kind == 2 and opcode in (0, 2):
+                    self._binary(b"".join(parts))
         except (OSError, ConnectionError, ValueError):
             return
+
+    def _binary(self, data: bytes) -> None:
+        """ComfyUI's binary events: 4-byte type; TEXT (3) is a node's progress text (4-byte id length, id, text)."""
+        if len(data) >= 8 and struct.unpack(">I", data[:4])[0] == 3:
+            n = struct.unpack(">I", data[4:8])[0]
+            with self._lock:
+                self.texts.append((data[8:8 + n].decode(), data[8 + n:].decode(errors="replace")))
 
     def of(self, kind: str, prompt_id: str | None = None) -> list[dict]:
         """The data of every message of one type (optionally of one prompt), in arrival order."""
@@ -316,10 +326,12 @@ def failed(entry: dict) -> dict:
     return status_messages(entry)["execution_error"]
 
 
-def interrupt_after_progress(server: "HostServer", prompt: dict, node_id: str, steps: int = 2) -> tuple[dict, list]:
+def interrupt_after_progress(server: "HostServer", prompt: dict, node_id: str, steps: int = 2,
+                             texts: list | None = None) -> tuple[dict, list]:
     """Queue `prompt`, wait until `node_id` reported `steps` progress steps, POST /interrupt and wait.
 
-    Returns the history entry and every progress event the node sent (watched on the websocket)."""
+    Returns the history entry and every progress event the node sent (watched on the websocket);
+    the texts the node showed are appended to `texts`."""
     events = server.events()
     try:
         prompt_id = server.queue(prompt)
@@ -327,6 +339,8 @@ def interrupt_after_progress(server: "HostServer", prompt: dict, node_id: str, s
         events.wait_for(lambda: any(p["value"] >= steps for p in progress()), timeout=300)
         server.interrupt()
         entry = server.wait(prompt_id)
+        if texts is not None:
+            texts.extend(t for n, t in events.texts if n == node_id)
         return entry, progress()
     finally:
         events.close()

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from host_models import CLEAN, IMAGE, SMUGGLER
+from host_models import CLEAN, IMAGE, SMUGGLER, SMUGGLER_CELL
 from host_prompts import (cell_reach,
                           channel_edit, compare_node, encode, encoded, load_image, ours, preview_text, repair_node,
                           reach_map, server_still_serves, text_of)
@@ -87,12 +87,22 @@ def test_reach_map_runs_with_taesd(host):
 
 # ---------------------------------------------------------------- progress and cancel
 
-def test_exact_reach_of_every_cell_shows_progress_and_stops_on_interrupt(host):
-    prompt = encoded(SMUGGLER, IMAGE, ("4", cell_reach(["1", 0], ["3", 0], batch_size=1)), ("5", preview_text(["4", 2])))
-    entry, seen = interrupt_after_progress(host, prompt, "4")
+def test_exact_reach_of_every_cell_states_its_cost_shows_progress_and_stops_on_interrupt(host):
+    prompt = encoded(SMUGGLER, IMAGE, ("4", cell_reach(["1", 0], ["3", 0], cells="all", batch_size=1)),
+                     ("5", preview_text(["4", 2])))
+    texts = []
+    entry, seen = interrupt_after_progress(host, prompt, "4", texts=texts)
+    assert any("all 1024 cells of the 32x32 latent: 1025 decodes" in t for t in texts), texts
     messages = status_messages(entry)
     assert entry["status"]["status_str"] == "error" and "execution_interrupted" in messages
     assert messages["execution_interrupted"]["node_id"] == "4"
     assert all(p["max"] == 32 * 32 for p in seen)  # one step per cell
     assert max(p["value"] for p in seen) < 300, "the run went on long after the interrupt"
     server_still_serves(host)
+
+
+def test_exact_reach_by_default_measures_the_reach_maps_top_cells_not_every_cell(host):
+    prompt = encoded(SMUGGLER, IMAGE, ("4", cell_reach(["1", 0], ["3", 0])), ("5", preview_text(["4", 2])))
+    report = json.loads(succeeded(host.run(prompt))["5"]["text"][0])
+    assert report["selection"] == "reach map top 8" and len(report["cells"]) == 8 and report["decodes"] == 9
+    assert (report["cells"][0]["y"], report["cells"][0]["x"]) == SMUGGLER_CELL

@@ -200,6 +200,18 @@ def reach_map(codec: Codec, z: torch.Tensor, *, mode: str = "median", factor: fl
 
 
 @torch.no_grad()
+def cost_text(z: torch.Tensor, cells=None, *, top: int = 8, blocks: int = 3) -> str:
+    """What `cell_reach` will cost, said before it starts: decodes (and the reach map's backward passes)."""
+    h, w = check_latent(z).shape[-2:]
+    if cells is None:
+        n = min(top, h * w)
+        return (f"the reach map's {n} strongest cells: 1 decode and {blocks * blocks} backward passes for the map, "
+                f"then {n + 1} decodes")
+    n = h * w if cells == "all" else len(cells)
+    what = f"all {n} cells of the {h}x{w} latent" if cells == "all" else f"{n} chosen cells"
+    return f"{what}: {n + 1} decodes (one per cell, one of the latent itself)"
+
+
 def cell_reach(codec: Codec, z: torch.Tensor, cells=None, *, mode: str = "median", factor: float = 2.0,
                window: int = 3, blocks: int = 3, index: int = 0, batch_size: int = 4, top: int = 8,
                cmap: str = "inferno", progress: Optional[ProgressFn] = None) -> CellReachResult:

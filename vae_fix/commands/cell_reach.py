@@ -2,8 +2,10 @@
 by default of the fast reach map's strongest cells."""
 from __future__ import annotations
 
+import sys
+
 from ..errors import InputError
-from ..reach import cell_reach, read_cells
+from ..reach import cell_reach, cost_text, read_cells
 from ._common import add_output_arguments, finish, latent_and_image, load_codec, progress
 from .reach_map import add_reach_arguments
 
@@ -33,6 +35,8 @@ def run(args) -> int:
     cells = read_cells(args.cells, "--cells")
     codec = load_codec(args)
     z, _ = latent_and_image(args, codec)
+    if not (args.quiet or args.json):
+        print(f"measuring {cost_text(z, cells, top=args.top, blocks=args.blocks)} (Ctrl-C stops)", file=sys.stderr)
     result = cell_reach(codec, z, cells, mode=args.mode, factor=args.factor, window=args.window, blocks=args.blocks,
                         index=args.index, batch_size=args.batch_size, top=args.top, cmap=args.cmap,
                         progress=progress(args, "cell reach"))
