@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from host_server import HostError, HostServer
+from hostile_inputs import write_hostile_vaes
 from vae_files import write_state_dict, write_vae
 
 from vae_fix.builders.overflow import overflowing_vae
@@ -49,6 +50,7 @@ def _strict_loader_vaes(server: HostServer) -> None:
     write_vae(vae_dir, "sdxl", name=CLEAN.removesuffix(".safetensors"), seed=1)
     good = (vae_dir / "tiny_sd.safetensors").read_bytes()
     (vae_dir / "truncated.safetensors").write_bytes(good[: len(good) // 2])
+    write_hostile_vaes(vae_dir)
 
 
 def _planted_vaes(server: HostServer) -> None:
