@@ -9,6 +9,7 @@ file) is a VAELoadError naming the file.
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import re
@@ -31,8 +32,13 @@ EXPECTED_INPUT = ("a .safetensors file, a .ckpt/.pt/.pth/.bin weights file, or a
 MAX_HEADER = 16_000_000  # bytes of JSON header: a full SDXL checkpoint needs ~0.3 MB (the format allows 100 MB)
 MAX_TENSORS = 20_000     # a full SD3 checkpoint with its text encoders holds ~3,000
 MAX_METADATA = 1_000     # __metadata__ entries
+MAX_CONFIG = 1_000_000   # bytes of a diffusers config.json (diffusers writes ~1 KB)
+MAX_CONFIG_DEPTH = 8     # nesting of a config.json or its metadata copy (diffusers': 2)
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
                "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+TORCH_DTYPES = {torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
+                torch.int8, torch.uint8, torch.bool, torch.float8_e4m3fn, torch.float8_e5m2, torch.uint16,
+                torch.uint32, torch.uint64}  # DTYPE_BYTES's: what a torch file may hold too
 
 
 @dataclass
@@ -110,7 +116,7 @@ def _read_safetensors(path: Path) -> RawWeights:
             metadata = dict(f.metadata() or {})
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types for every kind of damage
-        raise VAELoadError(path, f"corrupt safetensors file ({type(e).__name__}: {e})", expected) from None
+        raise VAELoadError(path, f"corrupt safetensors file ({type(e).__name__}: {str(e)[:200]})", expected) from None
     return RawWeights(tensors, path, "safetensors", metadata)
 
 
@@ -153,6 +159,8 @@ def check_header(header: dict, data: int, path, expected: str) -> int:
         shape, offsets = entry.get("shape"), entry.get("data_offsets")
         if not (isinstance(shape, list) and len(shape) <= 8 and all(_whole(d) for d in shape)):
             raise bad(f"tensor '{shown}' has an invalid shape")
+        if math.prod(d or 1 for d in shape) >= 2 ** 63:  # even with a zero in it: torch's sizes are int64
+            raise bad(f"tensor '{shown}' has a shape no tensor can have ({str(shape)[:60]})")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(_whole(o) for o in offsets)
                 and offsets[0] <= offsets[1]):
             raise bad(f"tensor '{shown}' has invalid data offsets {str(offsets)[:60]}")
@@ -193,9 +201,12 @@ def _read_torch(path: Path) -> RawWeights:
         raise VAELoadError(path, f"it holds a {type(obj).__name__}, not a dict of tensors", "a state dict (name → tensor)")
     tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if odd := [k for k, v in tensors.items() if _not_plain(v)]:
-        raise VAELoadError(path, f"{len(odd)} tensors are not plain dense tensors (sparse, on the meta device, or "
-                           "views that repeat a smaller storage, which would grow when read)",
+        raise VAELoadError(path, f"{len(odd)} tensors are not plain dense tensors (sparse, nested, on the meta device, "
+                           "or views that repeat a smaller storage, which would grow when read)",
                            "dense tensors each with its own data, as torch.save writes a state dict", odd[:8])
+    if odd := [f"{k} ({v.dtype})" for k, v in tensors.items() if v.dtype not in TORCH_DTYPES]:
+        raise VAELoadError(path, f"{len(odd)} tensors have a dtype no weights file uses (complex, packed sub-byte or "
+                           "exotic float8 types)", "float32, float16 or bfloat16 weights", odd[:8])
     skipped = [str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if bad := [k for k in skipped if k.startswith(VAE_ROOTS)]:
         raise VAELoadError(path, "some VAE entries are not tensors", "a tensor for every weight", bad)
@@ -205,8 +216,8 @@ def _read_torch(path: Path) -> RawWeights:
 
 
 def _not_plain(v: torch.Tensor) -> bool:
-    """Sparse, meta, or a view (stride 0, overlapping) whose storage is smaller than its elements."""
-    if v.layout != torch.strided or v.device.type != "cpu" or v.is_quantized:
+    """Sparse, nested, meta, or a view (stride 0, overlapping) whose storage is smaller than its elements."""
+    if v.is_nested or v.layout != torch.strided or v.device.type != "cpu" or v.is_quantized:
         return True
     try:
         return v.numel() > 0 and v.untyped_storage().nbytes() < v.numel() * v.element_size()
@@ -235,15 +246,7 @@ def _read_folder(path: Path) -> RawWeights:
                                "or a pipeline folder with a vae/ subfolder")
         folder = path / "vae"
         notes.append("read the vae/ subfolder of a pipeline folder")
-    try:
-        config_json = json.loads((folder / "config.json").read_text(), parse_constant=_no_constant)
-        if not isinstance(config_json, dict):
-            raise ValueError("not a JSON object")
-    except RecursionError:
-        raise VAELoadError(folder / "config.json", "not a valid config file (nested too deeply)",
-                           "a diffusers config.json (a JSON object)") from None
-    except (ValueError, OSError, UnicodeDecodeError) as e:
-        raise VAELoadError(folder / "config.json", f"not a valid config file ({e})", "a diffusers config.json (a JSON object)") from None
+    config_json = _read_config(folder / "config.json")
     variants = sorted(folder.glob("diffusion_pytorch_model.*.safetensors")) + sorted(folder.glob("diffusion_pytorch_model.*.bin"))
     weights = [folder / n for n in WEIGHT_NAMES if (folder / n).is_file()] + variants
     if not weights:
@@ -252,3 +255,31 @@ def _read_folder(path: Path) -> RawWeights:
         notes.append(f"read the variant weights file {weights[0].name}")
     raw = _read_safetensors(weights[0]) if weights[0].suffix == ".safetensors" else _read_torch(weights[0])
     return replace(raw, container="diffusers-folder", config_json=config_json, notes=notes + raw.notes)
+
+
+def _read_config(path: Path) -> dict:
+    """A diffusers config.json: a JSON object, bounded in size and depth (diffusers writes ~1 KB, 2 deep)."""
+    expected = "a diffusers config.json (a JSON object)"
+    try:
+        size = path.stat().st_size
+        if size > MAX_CONFIG:
+            raise ValueError(f"{size} bytes, more than the {MAX_CONFIG} read")
+        config = json.loads(path.read_text(), parse_constant=_no_constant)
+        if not isinstance(config, dict):
+            raise ValueError("not a JSON object")
+    except RecursionError:
+        config = None
+    except (ValueError, OSError, UnicodeDecodeError) as e:
+        raise VAELoadError(path, f"not a valid config file ({str(e)[:200]})", expected) from None
+    if config is None or json_depth(config) > MAX_CONFIG_DEPTH:
+        raise VAELoadError(path, "not a valid config file (nested too deeply)", expected)
+    return config
+
+
+def json_depth(value) -> int:
+    """How deeply a parsed JSON value nests (1 for a number), counted without recursion."""
+    depth, level = 0, [value]
+    while level:
+        depth += 1
+        level = [v for x in level if isinstance(x, (dict, list)) for v in (x.values() if isinstance(x, dict) else x)]
+    return depth

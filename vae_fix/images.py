@@ -32,12 +32,26 @@ def load_image(path) -> torch.Tensor:
                 w, h = im.size
                 if w * h > MAX_PIXELS or w < 1 or h < 1:
                     raise InputError(f"image '{path}'", f"it is {w}x{h} pixels", EXPECTED_IMAGE)
+                if (covered := _tile_area(im)) < w * h and im.format != "GIF":  # GIF frames may leave background
+                    raise ValueError(f"its pixel data covers {covered:,} of its {w}x{h} pixels; truncated or damaged")
                 im.load()
                 arr = _as_rgb_array(im)
     except _DECODE_ERRORS as e:
         detail = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         raise InputError(f"image '{path}'", f"not a readable image ({detail})", EXPECTED_IMAGE) from None
     return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0).contiguous()
+
+
+def _tile_area(im: Image.Image) -> int:
+    """Pixels the decoder's tiles span; PIL leaves the rest black (a 1 KB TIFF whose one strip
+    holds 16 of its 1.5 million rows would read as a 36-million-pixel image)."""
+    if not getattr(im, "tile", None):
+        return im.size[0] * im.size[1]  # decoded by its plugin in one piece (WebP)
+    area = 0
+    for tile in im.tile:
+        x0, y0, x1, y1 = tile[1] or (0, 0, *im.size)
+        area += max(0, min(x1, im.size[0]) - max(x0, 0)) * max(0, min(y1, im.size[1]) - max(y0, 0))
+    return area
 
 
 def _as_rgb_array(im: Image.Image) -> np.ndarray:
@@ -48,7 +62,10 @@ def _as_rgb_array(im: Image.Image) -> np.ndarray:
         grey = (grey.clip(0, top) / top).astype(np.float32)
         return np.repeat(grey[:, :, None], 3, axis=2)
     if im.mode == "F":
-        grey = np.asarray(im, dtype=np.float32).clip(0, 1)
+        grey = np.asarray(im, dtype=np.float32)
+        if nan := int(np.isnan(grey).sum()):  # clip keeps NaN: it would reach the VAE
+            raise ValueError(f"{nan} of its float pixels are NaN")
+        grey = grey.clip(0, 1)
         return np.repeat(grey[:, :, None], 3, axis=2)
     return np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
 

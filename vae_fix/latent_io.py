@@ -35,7 +35,7 @@ def read_latent(path, allow_nonfinite: bool = False) -> torch.Tensor:
     except VAELoadError as e:
         raise InputError(f"latent '{path}'", f"not a readable safetensors file ({e.problem})", expected) from None
     except (SafetensorError, OSError, ValueError) as e:
-        raise InputError(f"latent '{path}'", f"not a readable safetensors file ({e})", expected) from None
+        raise InputError(f"latent '{path}'", f"not a readable safetensors file ({str(e)[:200]})", expected) from None
     key = next((k for k in LATENT_KEYS if k in tensors), None)
     if key is None:
         candidates = [k for k, v in tensors.items() if v.dim() in (3, 4) and v.is_floating_point()]

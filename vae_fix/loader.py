@@ -22,7 +22,14 @@ from pathlib import Path
 import torch
 
 from . import __version__, layouts
-from .containers import WEIGHT_NAMES, RawWeights, read_container, write_safetensors
+from .containers import (
+    MAX_CONFIG_DEPTH,
+    WEIGHT_NAMES,
+    RawWeights,
+    json_depth,
+    read_container,
+    write_safetensors,
+)
 from .errors import InputError, VAELoadError
 from .model import AutoencoderKL, VAEConfig, infer_config, is_foreign_decoder
 from .result import Result
@@ -293,7 +300,7 @@ def _non_finite(key: str, v: torch.Tensor) -> str | None:
 def _config_from_metadata(text: str, notes: list) -> dict:
     try:
         extra = json.loads(text) if len(text) <= 100_000 else None
-        if isinstance(extra, dict):
+        if isinstance(extra, dict) and json_depth(extra) <= MAX_CONFIG_DEPTH:  # deeper would overflow JSON writers
             return {k: extra[k] for k in layouts.DIFFUSERS_EXTRA_FIELDS if k in extra}
     except (ValueError, RecursionError):
         pass
