@@ -272,6 +272,7 @@ def codec(vae, name: str = "vae", input_name: str = "vae") -> Codec:
     info = {"path": "from ComfyUI", "layout": type(vae.first_stage_model).__name__, **vae_summary(vae)}
     return with_fp32_retry(Codec(name, int(vae.latent_channels), downscale(vae), torch.device(vae.output_device),
                                  vae.vae_dtype, info=info, input_name=input_name,
+                                 encode_bytes=lambda shape: int(vae.memory_used_encode(shape, vae.vae_dtype)),
                                  fp32=lambda: codec(fp32_twin(vae), name, input_name), **parts))
 
 

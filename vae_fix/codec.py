@@ -13,6 +13,7 @@ says why in `no_moments` / `no_decoder`; `need_moments()` / `need_decoder()` rai
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -20,6 +21,7 @@ import torch
 
 from .errors import InputError
 
+ENCODE_ACTIVATIONS = 6  # measured: 5 (full SD encoder at 1024 px, 2.5 GiB peak); 6 leaves a margin
 MomentsFn = Callable[[torch.Tensor], torch.Tensor]
 DecodeFn = Callable[[torch.Tensor], torch.Tensor]
 KL_EXPECTED = "a KL VAE (SD1.x/2.x, SDXL, SD3, Flux or a retrained KL-F8)"
@@ -41,6 +43,7 @@ class Codec:
     input_name: str = "vae"                  # how errors name this VAE (a node input, a CLI flag)
     fp32: Optional[Callable[[], "Codec"]] = None  # the same VAE computing in float32 (half-precision codecs)
     retries: list = field(default_factory=list)   # one record per call redone in float32, in order
+    encode_bytes: Optional[Callable[[tuple], int]] = None  # memory an encode of [B, 3, H, W] needs (estimate)
 
     def need_moments(self) -> MomentsFn:
         if self.moments is None:
@@ -124,8 +127,13 @@ def model_codec(model: torch.nn.Module, name: str = "vae", info: Optional[dict] 
         import copy
         return model_codec(copy.deepcopy(model).float(), name, info, input_name)
 
+    cfg, dtype_bytes = model.config, torch.finfo(dtype).bits // 8
+
+    def encode_bytes(shape) -> int:  # ~5 live activations of the widest full-resolution level, + margin
+        return ENCODE_ACTIVATIONS * cfg.base_channels * cfg.channel_mult[0] * math.prod(shape) // 3 * dtype_bytes
+
     return with_fp32_retry(Codec(
-        name, model.config.latent_channels, model.config.downscale, device, dtype,
+        name, model.config.latent_channels, model.config.downscale, device, dtype, encode_bytes=encode_bytes,
         moments=moments, decode=decode if has_decoder else None, decode_grad=decode_grad if has_decoder else None,
         info=dict(info or {}), no_decoder="only its encoder was loaded (the file has no KL decoder)",
         input_name=input_name, fp32=fp32))

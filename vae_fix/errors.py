@@ -5,6 +5,11 @@ Messages always name the input, what was wrong and what was expected.
 """
 
 
+def short(text: str, limit: int = 120) -> str:
+    """A key or value as a message quotes it: whole when short, else its start and length."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
 class VAEFixError(ValueError):
     """Base class of every error the engine raises on purpose."""
 
@@ -16,7 +21,7 @@ class VAELoadError(VAEFixError):
         keys = list(keys)
         parts = [f"Cannot load VAE '{path}': {problem}."]
         if keys:
-            shown = ", ".join(str(k) for k in keys[:5])
+            shown = ", ".join(short(str(k)) for k in keys[:5])
             more = f" (and {len(keys) - 5} more)" if len(keys) > 5 else ""
             parts.append(f"First offending keys: {shown}{more}.")
         if expected:

@@ -18,7 +18,7 @@ from typing import Mapping
 
 import torch
 
-from .errors import InputError, VAELoadError
+from .errors import InputError, VAELoadError, short
 from .model import VAEConfig, is_foreign_decoder
 
 PREFIXES = ("first_stage_model.", "vae.", "")  # whole SD checkpoints, bundles, bare VAE files
@@ -268,6 +268,6 @@ def check_diffusers_config(cj: dict, config: VAEConfig, foreign: bool, where) ->
     said = {k: list(v) if isinstance(v, tuple) else v for k, v in said.items()}
     wrong = [k for k in actual if said[k] != actual[k]]
     if wrong:
-        diffs = "; ".join(f"{k} is {said[k]!r} in config.json but {actual[k]!r} in the weights" for k in wrong)
+        diffs = "; ".join(f"{k} is {short(repr(said[k]))} in config.json but {actual[k]!r} in the weights" for k in wrong)
         raise VAELoadError(where, f"config.json disagrees with the weights: {diffs}",
                            f"a config.json that matches the weights file next to it (GroupNorm({config.norm_groups}) and SiLU, as read)", wrong)

@@ -19,12 +19,14 @@ import torch.nn.functional as F
 
 from .codec import Codec, MomentsFn, redo_note
 from .errors import InputError
+from .memory import available_memory, gib, is_out_of_memory
 from .progress import ProgressFn, Steps
 
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0  # the clamp of the reference DiagonalGaussianDistribution
 SIZE_POLICIES = ("crop", "pad")
 RANGE_TOLERANCE = 0.01  # resamplers overshoot 0..1 a little; beyond this the image is not 0..1
 DEFAULT_TILE_OVERLAP = 64  # pixels of context on each side of a tile's kept core (8 latent cells)
+OUT_OF_MEMORY = "out of memory"
 MIN_AUTO_TILE_CELLS = 4  # the out-of-memory fallback halves tiles down to 4x4 latent cells
 
 
@@ -187,13 +189,6 @@ def prepare_images(images: torch.Tensor, downscale: int = 8, size_policy: str = 
 
 # ---------------------------------------------------------------- running the encoder
 
-def is_out_of_memory(err: BaseException) -> bool:
-    oom = getattr(torch, "OutOfMemoryError", None)
-    if oom is not None and isinstance(err, oom):
-        return True
-    return isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
-
-
 def _check_moments(m, x, downscale: int) -> None:
     b, _, hh, ww = x.shape
     want = (hh // downscale, ww // downscale)
@@ -268,12 +263,14 @@ def read_posterior(codec: Codec, images: torch.Tensor, *, size_policy: str = "cr
     steps, redone = Steps(progress, total), len(codec.retries)
     with torch.no_grad():
         for start in range(0, total, step):
+            if tiling is None:  # estimated before the model allocates anything
+                tiling = plan_tiling(codec, (min(step, total - start), 3, *x.shape[2:]), tile_overlap)
             part = (x[start:start + step] * 2.0 - 1.0).to(device=codec.device, dtype=codec.dtype)
             m, tiling = _moments_with_fallback(moments_fn, part, downscale, tiling, tile_overlap)
             chunks.append(m.float().to(images.device))
             steps.step(part.shape[0])
     if tiling is not None and tiling.reason != "requested":
-        notes.append(f"out of memory on the whole image: {tiling.describe()}")
+        notes.append(f"the whole image did not fit ({tiling.reason}): {tiling.describe()}")
     notes.extend(redo_note(r) for r in codec.retries[redone:])
     moments = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
     return posterior_from_moments(moments, size, tiling, notes)
@@ -303,10 +300,28 @@ def _moments_with_fallback(moments_fn, part, downscale, tiling, overlap):
             tiling = _auto_tiling(smaller, overlap, downscale)
 
 
+def plan_tiling(codec: Codec, shape: tuple, overlap: int) -> Optional[Tiling]:
+    """None when the codec's estimate for `shape` [B, 3, H, W] fits the memory available (or either
+    is unknown); else the largest auto tile whose estimate fits. InputError naming the size when
+    not even the smallest tile would fit."""
+    need, free = (codec.encode_bytes(shape) if codec.encode_bytes else None), available_memory(codec.device)
+    if need is None or free is None or need <= free:
+        return None
+    tile, smallest = _first_auto_tile((1, 3, *shape[2:]), codec.downscale), codec.downscale * MIN_AUTO_TILE_CELLS
+    while tile >= smallest:
+        context = _auto_tiling(tile, overlap, codec.downscale).overlap
+        if codec.encode_bytes((shape[0], 3, tile + 2 * context, tile + 2 * context)) <= free:
+            return Tiling(tile, context, 0, f"memory estimate: {gib(need)} needed, {gib(free)} available")
+        tile //= 2
+    raise InputError("images", f"{shape[0]} x {shape[2]}x{shape[3]} px need about {gib(need)} to encode and even "
+                     f"{smallest} px tiles do not fit the {gib(free)} available",
+                     "a smaller image, fewer images at once, or more memory (VAEFIX_MEMORY_LIMIT caps the plan)")
+
+
 def _auto_tiling(tile: int, overlap: int, downscale: int) -> Tiling:
     # context shrinks with the tile (at most a quarter of it) so small tiles stay small
     context = min(overlap, tile // 4 // downscale * downscale)
-    return Tiling(tile, context, 0, "out of memory")
+    return Tiling(tile, context, 0, OUT_OF_MEMORY)
 
 
 def _free_cached_memory() -> None:
