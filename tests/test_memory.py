@@ -43,7 +43,7 @@ def test_an_encode_over_the_memory_available_is_tiled_before_it_starts(codec, mo
     assert tiled.tiling is not None and tiled.tiling.reason.startswith("memory estimate")
     side = tiled.tiling.tile + 2 * tiled.tiling.overlap
     assert codec.encode_bytes((1, 3, side, side)) <= need // 3 and tiled.tiling.tiles_per_image > 1
-    assert any("did not fit (memory estimate" in n for n in tiled.notes)
+    assert any("did not fit: tiled (memory estimate" in n for n in tiled.notes)
     # crop-in-the-middle tiles with context; the mid-block attention sees only its tile, so values
     # move a little everywhere (measured: median 0.008 nats here, against a spread of several nats)
     diff = (tiled.logvar_raw - whole.logvar_raw).abs()

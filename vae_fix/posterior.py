@@ -270,7 +270,7 @@ def read_posterior(codec: Codec, images: torch.Tensor, *, size_policy: str = "cr
             chunks.append(m.float().to(images.device))
             steps.step(part.shape[0])
     if tiling is not None and tiling.reason != "requested":
-        notes.append(f"the whole image did not fit ({tiling.reason}): {tiling.describe()}")
+        notes.append(f"the whole image did not fit: {tiling.describe()}")
     notes.extend(redo_note(r) for r in codec.retries[redone:])
     moments = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
     return posterior_from_moments(moments, size, tiling, notes)
