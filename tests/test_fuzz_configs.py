@@ -9,10 +9,8 @@ import hashlib
 import json
 import random
 import resource
-import signal
 import time
 import warnings
-from contextlib import contextmanager
 
 import pytest
 from run_cli import run_cli
@@ -21,6 +19,7 @@ from vae_fix.errors import VAELoadError
 from vae_fix.jsonsafe import json_safe
 from vae_fix.loader import LoadedVAE, load_vae, save_vae
 from vae_fix.model import VAEConfig, random_vae
+from fuzzing import deadline
 
 CASES = 1_600
 CASE_SECONDS = 10
@@ -33,23 +32,6 @@ HOSTILE = [-1, 0, 1, -2 ** 63, 2 ** 64, 10 ** 4000, -10 ** 300, 1e308, -1e308, 5
 LITERALS = ["NaN", "Infinity", "-Infinity", "1e999", "-1e999", "1e-999", "1" * 5000, "-" + "9" * 4300, "1" * 4299,
             "[" * 100_000 + "]" * 100_000, "[" * 900 + "]" * 900, '{"a":' * 5000 + "1" + "}" * 5000,
             '"\\ud800\\udc00"', '"\\u0000"', "[1,]", "{", "tru", "0x10", "+1", ".5", "01"]
-
-
-class Hang(BaseException):
-    """Raised by the alarm: a BaseException, so the loader's `except Exception` cannot swallow it."""
-
-
-@contextmanager
-def deadline(seconds: float):
-    def ring(*_):
-        raise Hang(f"still running after {seconds} s")
-    old = signal.signal(signal.SIGALRM, ring)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
 
 
 @pytest.fixture(scope="module")

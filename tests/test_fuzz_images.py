@@ -8,11 +8,9 @@ import hashlib
 import io
 import random
 import resource
-import signal
 import struct
 import time
 import zlib
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -21,6 +19,7 @@ from PIL import Image
 
 from vae_fix.errors import InputError
 from vae_fix.images import MAX_PIXELS, load_image
+from fuzzing import deadline
 
 CASES = 10_000
 CASE_SECONDS = 10
@@ -28,23 +27,6 @@ INTS = [0, 1, 2, 3, 7, 8, 15, 16, 17, 255, 256, 0x7FFF, 0x8000, 0xFFFF, 0x10000,
         0x7FFFFFFF, 0x80000000, 0xFFFFFFFF]
 PPM_TOKENS = [b"0", b"-1", b"1", b"65535", b"65536", b"99999999999", b"1e3", b"0x10", b"#x", b"", b"6000", b"2147483648"]
 TIFF_TAGS = {256, 257, 258, 259, 262, 273, 277, 278, 279, 284, 317, 320, 338, 339}
-
-
-class Hang(BaseException):
-    """Raised by the alarm: a BaseException, so no `except Exception` can swallow it."""
-
-
-@contextmanager
-def deadline(seconds: float):
-    def ring(*_):
-        raise Hang(f"still running after {seconds} s")
-    old = signal.signal(signal.SIGALRM, ring)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def encoded(im: Image.Image, fmt: str, **kw) -> bytes:

@@ -10,9 +10,7 @@ import json
 import math
 import random
 import resource
-import signal
 import time
-from contextlib import contextmanager
 
 import pytest
 import torch
@@ -22,6 +20,7 @@ from vae_fix.edit import MAX_LATENT_CHANNELS
 from vae_fix.errors import InputError, VAELoadError
 from vae_fix.latent_io import read_latent
 from vae_fix.loader import read_vae
+from fuzzing import deadline
 
 CASES = 10_000
 CASE_SECONDS = 10
@@ -30,23 +29,6 @@ SAME_SIZE = {1: ["U8", "I8", "BOOL", "F8_E4M3", "F8_E5M2"], 2: ["F16", "BF16", "
              4: ["F32", "I32", "U32"], 8: ["F64", "I64", "U64"]}
 SIZE = {d: n for n, ds in SAME_SIZE.items() for d in ds}
 NAMES = ["latent_tensor", "samples", "mean", "latent", "latent_format_version_0", "z", "", "x" * 5000, "LATENT"]
-
-
-class Hang(BaseException):
-    """Raised by the alarm: a BaseException, so no `except Exception` can swallow it."""
-
-
-@contextmanager
-def deadline(seconds: float):
-    def ring(*_):
-        raise Hang(f"still running after {seconds} s")
-    old = signal.signal(signal.SIGALRM, ring)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
 
 
 @pytest.fixture(scope="module")

@@ -10,11 +10,9 @@ import pickle
 import pickletools
 import random
 import resource
-import signal
 import time
 import warnings
 import zipfile
-from contextlib import contextmanager
 
 import pytest
 import torch
@@ -22,6 +20,7 @@ import torch
 from vae_fix.errors import VAELoadError
 from vae_fix.loader import LoadedVAE, load_vae
 from vae_fix.model import VAEConfig, random_vae
+from fuzzing import deadline
 
 CASES = 2_000
 CASE_SECONDS = 10  # a case that takes longer is a hang
@@ -39,23 +38,6 @@ GLOBALS = ["torch FloatStorage", "torch BoolStorage", "torch ComplexFloatStorage
            "builtins set", "builtins bytearray", "_codecs encode", "torch device", "torch Tensor",
            "posix system", "os system", "builtins eval", "builtins exec", "builtins open", "builtins getattr",
            "subprocess Popen", "torch.storage _load_from_bytes", "torch.serialization load", "torch load"]
-
-
-class Hang(BaseException):
-    """Raised by the alarm: a BaseException, so the loader's `except Exception` cannot swallow it."""
-
-
-@contextmanager
-def deadline(seconds: float):
-    def ring(*_):
-        raise Hang(f"still running after {seconds} s")
-    old = signal.signal(signal.SIGALRM, ring)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def payload(marker) -> list[bytes]:
