@@ -8,7 +8,7 @@ from ..vae_fix import loader
 from ..vae_fix.builders.planted import demo_image
 from ..vae_fix.errors import InputError
 from ..vae_fix.fp16_fix import DEFAULT_HEADROOM, fixed_file, fp16_fix
-from ..vae_fix.probes import probe_images
+from ..vae_fix.probes import check_sizes, probe_images
 from ..vae_fix.result import write_file_atomically
 from . import host, wire
 
@@ -30,6 +30,11 @@ class VAEFp16Fix(io.ComfyNode):
                                tooltip="Activations are kept under 65504 / headroom, for images the probes did not cover."),
                 io.Combo.Input("dtype", options=list(host.DTYPES), default="fp16",
                                tooltip="Precision the fixed VAE runs in (fp16: what the fix is for)."),
+                io.String.Input("probe_sizes", default="128, 256", optional=True,
+                                tooltip="Sizes (px) of the built-in probes the scales are measured on and the proof runs on. "
+                                        "On a CPU without native fp16 the proof is slow: smaller sizes are much quicker."),
+                io.Int.Input("check_size", default=512, min=64, max=4096, step=64, optional=True,
+                             tooltip="Side (px) of the held-out picture the proof also runs on (one the scales never saw)."),
                 io.String.Input("save_as", default="", optional=True,
                                 tooltip="Also write the fixed VAE to models/vae under this new name (a .safetensors file, CompVis layout); empty: do not save."),
             ],
@@ -42,12 +47,13 @@ class VAEFp16Fix(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, vae, headroom, dtype, save_as="") -> io.NodeOutput:
+    def execute(cls, vae, headroom, dtype, probe_sizes="128, 256", check_size=512, save_as="") -> io.NodeOutput:
         target = host.new_vae_path(save_as) if save_as.strip() else None
+        (check,) = check_sizes([check_size], "check_size")
+        images, names = probe_images(check_sizes(probe_sizes, "probe_sizes"))
         source = loader.vae_from_state_dict(host.kl_state_dict(vae), "the VAE input")
-        images, names = probe_images()
-        result = fp16_fix(loader.build_model(source).model, images, names, held_out=[demo_image(512, 512, None)],
-                          held_out_names=["demo@512"], headroom=headroom, progress=host.progress_fn())
+        result = fp16_fix(loader.build_model(source).model, images, names, held_out=[demo_image(check, check, None)],
+                          held_out_names=[f"demo@{check}"], headroom=headroom, progress=host.progress_fn())
         if not result.safe:
             raise InputError("vae", "no exact rescaling makes it safe in fp16: " + "; ".join(result.limits or [result.summary()]),
                              "a VAE whose every activation can be rescaled (the report lists the layers)")

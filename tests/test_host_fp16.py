@@ -35,6 +35,7 @@ def test_the_fixed_vae_runs_in_fp16_in_core_nodes_like_the_original_in_fp32(host
     broken = succeeded(host.run({"img": image, "v": load(OVERFLOW, "fp16"), **roundtrip(["v", 0])}))
     fixed_prompt = {"img": image, "v": load(OVERFLOW, "fp32"), **roundtrip(["f", 0]),
                     "f": {"class_type": "VAEFixFp16Fix", "inputs": {"vae": ["v", 0], "headroom": 16.0, "dtype": "fp16",
+                                                                     "probe_sizes": "64", "check_size": 128,
                                                                      "save_as": "overflow_fixed.safetensors"}},
                     "r": {"class_type": "PreviewAny", "inputs": {"source": ["f", 1]}}}
     fixed = succeeded(host.run(fixed_prompt, timeout=600))

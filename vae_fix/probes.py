@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .errors import InputError
 from .images import load_image
 
 PHOTOS = Path(__file__).with_name("probe_photos")
@@ -97,6 +98,19 @@ def photo(name: str, size: int) -> torch.Tensor:
 
 PROCEDURAL = {"flat": flat, "lone_square": lone_square, "shapes": shapes, "lines": lines,
               "checkerboard": checkerboard, "noise": noise, "text": text}
+
+
+def check_sizes(sizes, name: str = "sizes") -> tuple[int, ...]:
+    """Probe or proof sizes as given (ints, or text '128, 256'): multiples of 64 from 64 to 4096."""
+    if isinstance(sizes, str):
+        try:
+            sizes = [int(p) for p in sizes.replace(",", " ").split()]
+        except ValueError:
+            raise InputError(name, f"'{sizes}'", "sizes in pixels such as '128, 256'") from None
+    sizes = tuple(sizes)
+    if not sizes or any(not isinstance(s, int) or not 64 <= s <= 4096 or s % 64 for s in sizes):
+        raise InputError(name, f"{list(sizes)}", "one or more sizes in pixels, multiples of 64 from 64 to 4096")
+    return sizes
 
 
 def probe_images(sizes=SIZES) -> tuple[list[torch.Tensor], list[str]]:
