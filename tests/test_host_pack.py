@@ -17,7 +17,7 @@ from run_cli import ROOT
 
 NODE_IDS = ("VAEFixLoadVAE", "VAEFixFp16Fix", "VAEFixHealthCheck", "VAEFixInspectVAE", "VAEFixLogVarianceMap", "VAEFixLatentChannelEdit",
             "VAEFixLatentStatistics", "VAEFixLatentReachMap", "VAEFixLatentCellReach", "VAEFixLatentPreviewRGB",
-            "VAEFixRepairLatent", "VAEFixCompareVAEs", "VAEFixConvertVAE")
+            "VAEFixRepairLatent", "VAEFixCompareVAEs", "VAEFixConvertVAE", "VAEFixSafeVAEDecode", "VAEFixSafeVAEEncode")
 FRONTEND_ONLY = {"Note", "MarkdownNote"}  # comments on the canvas: never queued
 pytestmark = pytest.mark.host
 
