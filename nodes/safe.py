@@ -32,7 +32,7 @@ class SafeVAEDecode(io.ComfyNode):
 
     @classmethod
     def execute(cls, samples, vae) -> io.NodeOutput:
-        z = wire.any_latent_samples(samples, "samples")
+        z = wire.latent_samples(samples, "samples", any_family=True)
         result = first_finite("decode", host.core_attempts(vae, "decode", z), "vae")
         images = result.output
         if images.ndim == 5:  # video: frames of every batch item in one IMAGE batch, as core does

@@ -54,21 +54,15 @@ def images_to_batch(images: list[torch.Tensor]) -> torch.Tensor:
     return out
 
 
-def latent_samples(latent, name: str = "latent") -> torch.Tensor:
-    """The `[B, C, h, w]` samples of a LATENT dict (not a copy: callers must not modify it)."""
+def latent_samples(latent, name: str = "latent", any_family: bool = False) -> torch.Tensor:
+    """The `[B, C, h, w]` samples of a LATENT dict (not a copy: callers must not modify it).
+    `any_family`: also 1-D and video latents (`[B, C, L]`, `[B, C, T, h, w]`), for nodes that hand
+    the latent to the host's own VAE."""
     samples = latent.get("samples") if isinstance(latent, dict) else None
-    if not isinstance(samples, torch.Tensor) or samples.dim() != 4:
+    dims, shapes = ((3, 4, 5), "[B, C, h, w] or [B, C, T, h, w]") if any_family else ((4,), "[B, C, h, w]")
+    if not isinstance(samples, torch.Tensor) or samples.dim() not in dims:
         got = tuple(samples.shape) if isinstance(samples, torch.Tensor) else type(latent).__name__
-        raise InputError(name, f"got {got}", "a ComfyUI LATENT with 'samples' of shape [B, C, h, w]")
-    return samples
-
-
-def any_latent_samples(latent, name: str = "latent") -> torch.Tensor:
-    """The samples of a LATENT of any family: `[B, C, h, w]` images or `[B, C, T, h, w]` video."""
-    samples = latent.get("samples") if isinstance(latent, dict) else None
-    if not isinstance(samples, torch.Tensor) or samples.dim() not in (3, 4, 5):
-        got = tuple(samples.shape) if isinstance(samples, torch.Tensor) else type(latent).__name__
-        raise InputError(name, f"got {got}", "a ComfyUI LATENT with 'samples' [B, C, h, w] or [B, C, T, h, w]")
+        raise InputError(name, f"got {got}", f"a ComfyUI LATENT with 'samples' of shape {shapes}")
     return samples
 
 

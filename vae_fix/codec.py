@@ -14,7 +14,8 @@ says why in `no_moments` / `no_decoder`; `need_moments()` / `need_decoder()` rai
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 import torch
@@ -57,7 +58,6 @@ class Codec:
         return fn
 
     def renamed(self, name: str, input_name: Optional[str] = None) -> "Codec":
-        from dataclasses import replace
         return replace(self, name=name, input_name=input_name or self.input_name)
 
 
@@ -77,7 +77,7 @@ def redo_note(record: dict) -> str:
 def with_fp32_retry(codec: Codec) -> Codec:
     """`codec` whose moments and decodes are redone in float32 when its half precision gives a
     non-finite value (an fp16 overflow: black or NaN images), each redo recorded in `retries`
-    ({"call", "dtype", "non_finite", "of"}). A float32 codec, or one without `fp32`, is returned as is."""
+    ({"call", "dtype", "non_finite", "of", "seconds"}). A float32 codec, or one without `fp32`, is returned as is."""
     if codec.dtype == torch.float32 or codec.fp32 is None:
         return codec
     twin: list[Codec] = []  # the float32 codec, built on first need and kept
@@ -88,18 +88,18 @@ def with_fp32_retry(codec: Codec) -> Codec:
             return None
 
         def run(x: torch.Tensor) -> torch.Tensor:
+            start = time.perf_counter()
             out = fn(x)
             bad = non_finite(out)
             if not bad:
                 return out
+            retries.append({"call": name, "dtype": dtype_name(codec.dtype), "non_finite": bad, "of": out.numel(),
+                            "seconds": round(time.perf_counter() - start, 4)})
             if not twin:
                 twin.append(codec.fp32())
-            retries.append({"call": name, "dtype": dtype_name(codec.dtype), "non_finite": bad, "of": out.numel()})
             return getattr(twin[0], name)(x)
-        run.unguarded = fn
         return run
 
-    from dataclasses import replace
     return replace(codec, moments=guarded("moments", codec.moments), decode=guarded("decode", codec.decode),
                    decode_grad=guarded("decode_grad", codec.decode_grad), retries=retries)
 

@@ -60,21 +60,31 @@ def first_finite(kind: str, attempts: Sequence[Attempt], input_name: str = "vae"
     for dtype, run in attempts:
         start = time.perf_counter()
         out = run()
-        bad = non_finite(out)
-        records.append({"dtype": dtype, "non_finite": bad, "of": out.numel(),
+        records.append({"dtype": dtype, "non_finite": non_finite(out), "of": out.numel(),
                         "seconds": round(time.perf_counter() - start, 4)})
-        if not bad:
-            return SafeRun(kind, out, records)
-    raise InputError(input_name, f"its {kind} gives {bad:,} non-finite values even in {records[-1]['dtype']}",
-                     "a VAE with finite weights (check it with Load VAE (strict)), or finite inputs")
+        if not records[-1]["non_finite"]:
+            break
+    return _checked(SafeRun(kind, out, records), input_name)
 
 
-def _attempts(codec: Codec, call: Callable[[Codec], torch.Tensor]) -> list[Attempt]:
-    """The codec's own dtype first, then its float32 twin (for half-precision codecs)."""
-    raw = [(dtype_name(codec.dtype), lambda: call(codec))]
-    if codec.fp32 is not None and codec.dtype != torch.float32:
-        raw.append(("float32", lambda: call(codec.fp32())))
-    return raw
+def _through_codec(kind: str, codec: Codec, call: Callable[[], torch.Tensor]) -> SafeRun:
+    """One call through the codec, whose own float32 redo (`with_fp32_retry`) records the failed
+    half-precision attempt: the attempts are that record, then the result."""
+    before, start = len(codec.retries), time.perf_counter()
+    out = call()
+    records = [{k: v for k, v in r.items() if k != "call"} for r in codec.retries[before:]]
+    spent = round(time.perf_counter() - start - sum(r["seconds"] for r in records), 4)
+    records.append({"dtype": "float32" if records else dtype_name(codec.dtype), "non_finite": non_finite(out),
+                    "of": out.numel(), "seconds": spent})
+    return _checked(SafeRun(kind, out, records), codec.input_name)
+
+
+def _checked(run: SafeRun, input_name: str) -> SafeRun:
+    last = run.attempts[-1]
+    if last["non_finite"]:
+        raise InputError(input_name, f"its {run.kind} gives {last['non_finite']:,} non-finite values even in {last['dtype']}",
+                         "a VAE with finite weights (check it with Load VAE (strict)), or finite inputs")
+    return run
 
 
 def safe_decode(codec: Codec, z: torch.Tensor, input_name: str = "latent") -> SafeRun:
@@ -85,8 +95,8 @@ def safe_decode(codec: Codec, z: torch.Tensor, input_name: str = "latent") -> Sa
         raise InputError(input_name, f"shape {shape}", f"[B, {codec.latent_channels}, h, w] for this VAE")
     if non_finite(z):
         raise InputError(input_name, f"{non_finite(z):,} non-finite values", "a finite latent")
-    codec.need_decoder()
-    run = first_finite("decode", _attempts(codec, lambda c: _raw(c, "decode")(z.float())), codec.input_name)
+    decode = codec.need_decoder()
+    run = _through_codec("decode", codec, lambda: decode(z.float()))
     run.output = to_unit(run.output)
     return run
 
@@ -96,14 +106,8 @@ def safe_encode(codec: Codec, images: torch.Tensor) -> SafeRun:
     in the codec's dtype, redone in float32 when that is not finite. Sizes are cropped to the
     downscale, as core does."""
     check_images(images)
-    codec.need_moments()
+    moments = codec.need_moments()
     x, _ = prepare_images(images, codec.downscale, "crop")
     with torch.no_grad():
-        return first_finite("encode", _attempts(codec, lambda c: _raw(c, "moments")(x * 2 - 1)[:, :codec.latent_channels]),
-                            codec.input_name)
+        return _through_codec("encode", codec, lambda: moments(x * 2 - 1)[:, :codec.latent_channels])
 
-
-def _raw(codec: Codec, name: str):
-    """The codec's own call, without its automatic float32 redo (each attempt runs one dtype)."""
-    fn = getattr(codec, name)
-    return getattr(fn, "unguarded", fn)
