@@ -108,6 +108,17 @@ def test_a_resumed_run_keeps_its_recipe(photos, tmp_path):
         train(tmp_path, TrainSettings(**{**TINY, "steps": 4, "kl_weight": 1e-3}), images=photos)
 
 
+def test_reading_training_images_bounds_their_size_without_touching_pillow(tmp_path, monkeypatch):
+    # CI once failed because this module lowered PIL's global MAX_IMAGE_PIXELS for every other reader.
+    from PIL import Image
+    from vae_fix import train_data
+    assert Image.MAX_IMAGE_PIXELS == 89_478_485  # Pillow's own bound, which the pack's image reader relies on
+    monkeypatch.setattr(train_data, "MAX_PIXELS", 1000)
+    Image.new("RGB", (40, 30)).save(tmp_path / "big.png")
+    with pytest.raises(InputError, match=r"big\.png.*40x30 pixels"):
+        train_data.read_uint8(tmp_path / "big.png")
+
+
 def test_settings_are_checked():
     with pytest.raises(InputError, match="crop"):
         TrainSettings(crop=100).check()

@@ -29,7 +29,7 @@ WALLPAPERS = Path("/usr/share/wallpapers")
 HELD_OUT = ("chelsea", "coffee", "rocket", "Path", "ColorfulCups")
 MAX_SIDE = 2048           # stored size bound: a 5120×2880 wallpaper is kept at 2048×1152 (7 MB)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-Image.MAX_IMAGE_PIXELS = 5120 * 2880 * 2  # a larger "wallpaper" is refused, not decoded
+MAX_PIXELS = 5120 * 2880 * 2  # a larger "wallpaper" is refused before decoding
 
 
 def skimage_files() -> list[Path]:
@@ -74,6 +74,9 @@ def folder_files(folder) -> list[Path]:
 def read_uint8(path: Path, max_side: int = MAX_SIDE) -> torch.Tensor:
     """`[3, H, W]` uint8, shrunk (area filter) so the longer side is at most `max_side`."""
     with Image.open(path) as im:
+        if im.width * im.height > MAX_PIXELS:
+            raise InputError(f"image '{path}'", f"it is {im.width}x{im.height} pixels",
+                             f"a training image of at most {MAX_PIXELS:,} pixels")
         im.draft("RGB", (max_side, max_side))  # JPEG: decode at a reduced size directly
         im = im.convert("RGB")
         if max(im.size) > max_side:
