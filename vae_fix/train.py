@@ -191,7 +191,8 @@ def save_checkpoint(run: _Run, folder: Path) -> Path:
     return write_file_atomically(folder / CHECKPOINT, lambda p: save_file(tensors, str(p), {META_KEY: json.dumps(meta)}))
 
 
-def _read_meta(path: Path) -> Optional[dict]:
+def read_meta(path: Path) -> Optional[dict]:
+    """A checkpoint's settings, step, history and evaluations (no tensors read), or None."""
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
@@ -205,7 +206,7 @@ def _read_meta(path: Path) -> Optional[dict]:
 
 def load_checkpoint(path: Path, device, settings: Optional[TrainSettings] = None) -> _Run:
     """The run saved at `path` (`settings`, when given, replace the saved ones: e.g. more steps)."""
-    meta = _read_meta(path)
+    meta = read_meta(path)
     if meta is None:
         raise InputError("checkpoint", f"'{path}' has no training metadata", "a checkpoint written by vae_fix train")
     saved = TrainSettings.from_dict(meta["settings"])
@@ -244,7 +245,7 @@ def settings_for(folder, **given) -> TrainSettings:
     else the defaults with `given` on top. `None` values are not given."""
     given = {k: v for k, v in given.items() if v is not None}
     ckpt = Path(folder) / CHECKPOINT
-    meta = _read_meta(ckpt) if ckpt.exists() else None
+    meta = read_meta(ckpt) if ckpt.exists() else None
     if meta is not None:
         return TrainSettings.from_dict({**meta["settings"], **given}).check()
     return TrainSettings.from_dict({**TrainSettings().to_dict(), **given}).check()

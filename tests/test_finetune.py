@@ -1,0 +1,44 @@
+"""Fixing a VAE without breaking its latents (#17): the encoder is retrained so the planted hole is
+gone, the latent means barely move, the decoder is untouched, and the result loads strictly.
+Also: the shipped SD-recipe VAE (trained here) loads strictly and reconstructs held-out photos."""
+from __future__ import annotations
+
+import torch
+
+from vae_fix.builders.planted import demo_image, planted_vae
+from vae_fix.finetune import FinetuneSettings, finetune_vae
+from vae_fix.loader import load_vae, save_vae
+from vae_fix.model import preset_config
+from vae_fix.probes import PHOTOS
+from vae_fix.train_data import load_images
+from vae_fix.train_eval import held_out_metrics
+
+SHIPPED = PHOTOS.parent / "models" / "sd_recipe_small.safetensors"
+
+
+def test_finetune_removes_a_planted_hole_and_keeps_the_latents(tmp_path):
+    cfg = preset_config("sd", small=True)
+    image = demo_image(128, 128, (9, 11), cfg.downscale)
+    planted = planted_vae(cfg, image=image, cell=(9, 11), seed=0)
+    original = {k: v.clone() for k, v in planted.model.state_dict().items()}
+    settings = FinetuneSettings(steps=100, batch=4, crop=128, lr=1e-4, eval_size=128, mean_weight=200)
+    result = finetune_vae(planted.model, [(image[0] * 255).round().to(torch.uint8)], ["demo"], settings)
+
+    assert result.before["anomalies"] >= 1 and result.before["logvar_min"] < -40  # the hole, ~30 nats deep
+    assert result.after["anomalies"] == 0 and result.after["logvar_min"] > result.floor - 1
+    assert result.drift["mean_rms_over_std"] < 0.05 and result.drift["decoded_psnr_db"] > 33
+    assert all(torch.equal(v, planted.model.state_dict()[k]) for k, v in original.items())  # input untouched
+    fixed = result.model.state_dict()
+    assert all(torch.equal(fixed[k], v) for k, v in original.items() if k.startswith(("decoder.", "post_quant")))
+    path = save_vae(result.model, tmp_path / "fixed.safetensors")
+    assert load_vae(path).config == cfg
+    assert set(result.to_json()) >= {"before", "after", "drift", "floor", "history"}
+    assert "after:  no black hole found" in result.summary()
+
+
+def test_the_shipped_sd_recipe_vae_reconstructs_photos_it_never_saw():
+    vae = load_vae(SHIPPED)  # strict: every key, CompVis layout
+    assert SHIPPED.stat().st_size < 10e6 and vae.info()["parameters"] == 2_998_279
+    held = load_images(sorted(PHOTOS.glob("*.jpg")), held_out=("chelsea", "coffee"))  # held out in training too
+    scores = held_out_metrics(vae.model, held.held, held.held_names, sizes=(256,))
+    assert scores["psnr"]["256"]["mean"] > 19.5, scores["psnr"]
