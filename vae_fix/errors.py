@@ -39,3 +39,10 @@ class InputError(VAEFixError):
             msg += f" Expected {expected}."
         super().__init__(msg)
         self.name, self.problem, self.expected = name, problem, expected
+
+
+def check_rules(settings, rules) -> None:
+    """Raise for the first `(field name, ok, expected)` of `rules` that is not ok, naming the field's value."""
+    for name, ok, expected in rules:
+        if not ok:
+            raise InputError(name, f"{getattr(settings, name)!r}", expected)

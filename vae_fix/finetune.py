@@ -31,14 +31,13 @@ import torch
 from .anomaly import DEFAULT_MIN_DROP, LOGVAR_MIN, min_map, vae_baseline
 from .codec import model_codec
 from .distributed import World
-from .errors import InputError
+from .errors import InputError, check_rules
 from .inspect import inspect_vae
 from .model import AutoencoderKL
 from .progress import ProgressFn, Steps
-from .reach_measure import fast_reach_map
 from .result import Result
 from .train_data import centre_square, random_crops
-from .train_eval import psnr
+from .train_eval import model_reach_map, psnr
 
 
 @dataclass(frozen=True)
@@ -60,9 +59,7 @@ class FinetuneSettings:
                  ("mean_weight", self.mean_weight > 0, "above 0"), ("margin", 0 <= self.margin <= 30, "0 to 30 nats"),
                  ("eval_size", 32 <= self.eval_size <= 2048, "32 to 2048 pixels"),
                  ("eval_images", 1 <= self.eval_images <= 64, "1 to 64")]
-        for name, ok, expected in rules:
-            if not ok:
-                raise InputError(name, f"{getattr(self, name)!r}", expected)
+        check_rules(self, rules)
         return self
 
 
@@ -178,10 +175,7 @@ def measure(model: AutoencoderKL, images: list[torch.Tensor], names: list[str], 
 
 def _reach_at(model: AutoencoderKL, image01: torch.Tensor, yx) -> dict:
     """The fast reach map's value at cell `yx` over the map's median, on `image01`'s posterior mean."""
-    p = next(model.parameters())
-    with torch.no_grad():
-        z = model.encode(image01.to(p.device, p.dtype) * 2 - 1).float()
-    reach = fast_reach_map(lambda latent: model.decode(latent.to(p.dtype)).float(), z).reach
+    reach = model_reach_map(model, image01)
     return {"cell": list(yx), "over_median": float(reach[yx[0], yx[1]] / reach.median().clamp_min(1e-12)),
             "worst_over_median": float(reach.max() / reach.median().clamp_min(1e-12))}
 

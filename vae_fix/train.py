@@ -24,7 +24,7 @@ from typing import Callable, Optional
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import InputError
+from .errors import InputError, check_rules
 from .model import AutoencoderKL, VAEConfig
 from .progress import ProgressFn, Steps
 from .result import Result, write_file_atomically
@@ -93,9 +93,7 @@ class TrainSettings:
                  ("eval_reach_size", self.eval_reach_size % (ds * 4) == 0 and 0 < self.eval_reach_size <= 1024,
                   f"a multiple of {ds * 4} up to 1024 (the reach map needs 4 latent cells a side or more)"),
                  ("logvar_penalty", self.logvar_penalty >= 0, "0 or more")]
-        for name, ok, expected in rules:
-            if not ok:
-                raise InputError(name, f"{getattr(self, name)!r}", expected)
+        check_rules(self, rules)
         return self
 
 

@@ -80,17 +80,21 @@ def verdict_metrics(model, probe_size: int = 128) -> dict:
             "reach": v.reach}
 
 
-def reach_metrics(model, image: torch.Tensor, size: int = 256) -> dict:
-    """Fast reach map of one held-out photo: the worst cell's far reach over the median cell's."""
+def model_reach_map(model, image01: torch.Tensor) -> torch.Tensor:
+    """`[h, w]` fast reach map of `model` on the posterior mean of `image01` `[1, 3, S, S]` in 0..1."""
     p = next(model.parameters())
-    x = centre_square(image, size).to(p.device, p.dtype) * 2 - 1
     with torch.no_grad():
-        z = model.encode(x)
+        z = model.encode(image01.to(p.device, p.dtype) * 2 - 1)
 
     def decode(latent):
         return model.decode(latent.to(p.dtype)).float()
 
-    summary = summarize_map(fast_reach_map(decode, z.float()).reach)
+    return fast_reach_map(decode, z.float()).reach
+
+
+def reach_metrics(model, image: torch.Tensor, size: int = 256) -> dict:
+    """Fast reach map of one held-out photo: the worst cell's far reach over the median cell's."""
+    summary = summarize_map(model_reach_map(model, centre_square(image, size)))
     return {"worst_over_median": summary["max_over_median"], "worst_cell": summary["top_cells"][0]}
 
 
