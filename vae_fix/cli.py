@@ -9,7 +9,7 @@ import sys
 from . import commands
 from .errors import InputError, VAEFixError
 
-ORDER = ["demo", "inspect", "logvar_map", "check", "convert", "reach_map", "cell_reach", "stats", "edit", "preview", "compare", "repair", "encode", "decode", "train"]
+ORDER = ["demo", "inspect", "logvar_map", "check", "convert", "reach_map", "cell_reach", "stats", "edit", "preview", "compare", "repair", "encode", "decode", "train", "finetune"]
 
 
 class _Parser(argparse.ArgumentParser):

@@ -1,9 +1,10 @@
 """Data-parallel training across processes started by `torchrun` (NCCL on GPUs, gloo on CPUs).
 
 Every rank draws the same full batch from the same seeded generator and keeps its own slice, and
-gradients are averaged over ranks after each backward pass: with equal slices that is exactly the
-gradient of the full batch, so N processes give the weights one process gives (up to float
-rounding), and a run can be checked on CPU with two gloo processes.
+gradients are averaged over ranks after each backward pass. A loss whose normalisers (counts,
+variances) are summed over ranks with `all_sum` then has exactly the gradient of the full batch, so
+N processes give the weights one process gives (up to float rounding), and a run can be checked on
+CPU with two gloo processes.
 """
 from __future__ import annotations
 
@@ -41,6 +42,17 @@ class World:
             if p.grad is not None:
                 dist.all_reduce(p.grad)
                 p.grad /= self.size
+
+    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` summed over ranks (differentiable only on this rank's share: use it for counts and
+        normalisers, which carry no gradient)."""
+        if self.size == 1:
+            return t
+        import torch.distributed as dist
+
+        t = t.detach().clone()
+        dist.all_reduce(t)
+        return t
 
     def barrier(self) -> None:
         if self.size > 1:

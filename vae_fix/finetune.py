@@ -123,9 +123,9 @@ def finetune_vae(model: AutoencoderKL, images: list[torch.Tensor], names: list[s
     device = next(teacher.parameters()).device
     for step in range(1, s.steps + 1):
         x = world.my_slice(random_crops(images, s.batch, s.crop, gen)).to(device)
-        terms = _loss(teacher, student, x, floor, s.mean_weight)
+        terms = _loss(teacher, student, x, floor, s.mean_weight, world)
         opt.zero_grad(set_to_none=True)
-        terms["loss"].backward()
+        terms.pop("backward").backward()
         world.average_gradients(trained)
         opt.step()
         steps.step()
@@ -140,18 +140,26 @@ def finetune_vae(model: AutoencoderKL, images: list[torch.Tensor], names: list[s
                           before.pop("picture"), after.pop("picture"), student, time.monotonic() - started)
 
 
-def _loss(teacher, student, x: torch.Tensor, floor: float, mean_weight: float) -> dict:
-    """The fine-tuning loss on crops `x` `[B, 3, S, S]` in -1..1."""
+def _loss(teacher, student, x: torch.Tensor, floor: float, mean_weight: float, world: World) -> dict:
+    """The fine-tuning loss on this rank's crops `x` `[b, 3, S, S]` in -1..1, normalised over the
+    whole batch (counts and the means' variance summed over ranks), times the world size: averaged
+    over ranks, its gradient is the full batch's."""
     c = teacher.config.latent_channels
     with torch.no_grad():
         m0 = teacher.moments(x).float()
     m = student.moments(x).float()
-    mean = (m[:, :c] - m0[:, :c]).pow(2).mean() / m0[:, :c].var().clamp_min(1e-8)
-    low = m0[:, c:] < floor                       # collapsed elements: rare, so averaged on their own
+    mu0, low = m0[:, :c], m0[:, c:] < floor     # collapsed elements: rare, so averaged on their own
+    count = torch.tensor(float(mu0.numel()), device=mu0.device)
+    n, s1, s2, n_low = world.all_sum(torch.stack([count, mu0.sum(), mu0.pow(2).sum(), low.sum().float()]))
+    var = ((s2 - s1 * s1 / n) / (n - 1)).clamp_min(1e-8)
     err = m[:, c:] - m0[:, c:].clamp_min(floor)
-    keep = err[~low].pow(2).mean() if bool((~low).any()) else err.sum() * 0
-    lift = err[low].pow(2).mean() if bool(low.any()) else err.sum() * 0
-    return {"loss": mean_weight * mean + keep + lift, "mean": mean.detach(), "keep": keep.detach(), "lift": lift.detach()}
+    n_keep = n - n_low
+    terms = {"mean": (m[:, :c] - mu0).pow(2).sum() / n / var,
+             "keep": err[~low].pow(2).sum() / n_keep.clamp_min(1),
+             "lift": err[low].pow(2).sum() / n_low.clamp_min(1)}
+    loss = mean_weight * terms["mean"] + terms["keep"] + terms["lift"]
+    logged = world.all_sum(torch.stack([loss.detach(), *(v.detach() for v in terms.values())]))
+    return {"backward": loss * world.size, **dict(zip(("loss", *terms), logged))}
 
 
 def measure(model: AutoencoderKL, images: list[torch.Tensor], names: list[str], cell=None) -> dict:

@@ -87,6 +87,12 @@ def write_result(result: Result, out_dir, extra_files: dict | None = None) -> di
     return data["files"]
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_file_atomically(out, write) -> Path:
     """`write(path)` into a temporary file beside `out`, then renamed to `out`: a failing write
     leaves nothing behind. The temporary name keeps `out`'s suffix (writers check it)."""
@@ -96,6 +102,7 @@ def write_file_atomically(out, write) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a written file gets the usual mode
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):

@@ -6,6 +6,9 @@ returns). Not a command: the CLI registry skips `_` modules.
 """
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import torch
 
 from ..codec import DTYPE_CHOICES, parse_dtype
@@ -97,3 +100,29 @@ def latent_and_image(args, codec, allow_nonfinite: bool = False):
     image = load_image(args.image)
     return read_posterior(codec, image).mean.cpu(), image
 
+
+
+def new_safetensors_file(text: str, flag: str = "--out") -> Path:
+    """An output VAE path: a .safetensors file that does not exist yet (commands never overwrite)."""
+    out = Path(text)
+    if out.suffix != ".safetensors":
+        raise InputError(flag, f"'{out}' does not end in .safetensors", "a new .safetensors file")
+    if out.exists():
+        raise InputError(flag, f"'{out}' exists", "a new file (nothing is overwritten)")
+    return out
+
+
+def pick_device(name: str) -> str:
+    """`auto` is cuda when present, else cpu; anything else must be a torch device name."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.device(name)
+    except RuntimeError:
+        raise InputError("--device", f"'{name}'", "auto, cpu, cuda or cuda:N") from None
+    return name
+
+
+def say(text: str) -> None:
+    """A log line of a long command, on stderr (stdout stays for the result and --json)."""
+    print(text, file=sys.stderr, flush=True)

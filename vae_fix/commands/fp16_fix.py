@@ -10,7 +10,7 @@ from ..fp16_fix import DEFAULT_HEADROOM, FP16_MAX, fixed_file, fp16_fix
 from ..images import load_image
 from ..probes import SIZES, check_sizes, probe_images
 from ..result import check_out_dir, write_file_atomically, write_result
-from ._common import progress
+from ._common import new_safetensors_file, progress
 
 NAME = "fp16-fix"
 HELP = ("Rescale a KL VAE's weights (exactly: every GroupNorm ignores the scale of its input) so no activation "
@@ -39,7 +39,7 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from ..loader import load_vae, save_vae
 
-    out = _out_file(args.out)
+    out = new_safetensors_file(args.out)
     report = check_out_dir(args.report or out.with_name(out.stem + "_fp16_report"), "--report")
     images, names = probe_images(check_sizes(args.probe_sizes, "--probe-sizes"))
     extra = _user_images(args.images)
@@ -60,14 +60,6 @@ def run(args) -> int:
         print(f"wrote {out}" if written else f"{out} not written", f"and the report in {report}")
     return 0 if result.safe else 1
 
-
-def _out_file(text: str) -> Path:
-    out = Path(text)
-    if out.suffix != ".safetensors":
-        raise InputError("--out", f"'{out}' does not end in .safetensors", "a new .safetensors file")
-    if out.exists():
-        raise InputError("--out", f"'{out}' exists", "a new file (the fix never overwrites)")
-    return out
 
 
 def _user_images(folder) -> list:

@@ -1,13 +1,8 @@
 """`python -m vae_fix train`: train a small KL VAE of the SD family on real photographs, resumably."""
 from __future__ import annotations
 
-import sys
-
-import torch
-
-from ..errors import InputError
 from ..result import check_out_dir, write_result
-from ._common import progress
+from ._common import pick_device, progress, say
 
 NAME = "train"
 HELP = ("Train a KL autoencoder (CompVis layout, SD recipe or one of the study's fixes) on scikit-image's photos "
@@ -65,8 +60,8 @@ def run(args) -> int:
     held = HELD_OUT if args.held_out is None else tuple(args.held_out)
     images = load_images(folder_files(args.images) if args.images else None, held_out=held)
     quiet = args.quiet or args.json
-    result = train(out, settings, images=images, device=_device(args.device),
-                   progress=progress(args, "train"), log=None if quiet else _stderr,
+    result = train(out, settings, images=images, device=pick_device(args.device),
+                   progress=progress(args, "train"), log=None if quiet else say,
                    max_seconds=None if args.max_minutes is None else args.max_minutes * 60)
     write_result(result, out)
     if args.json:
@@ -75,16 +70,3 @@ def run(args) -> int:
         print(result.summary())
     return 0
 
-
-def _stderr(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
-
-
-def _device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        torch.device(name)
-    except RuntimeError:
-        raise InputError("--device", f"'{name}'", "auto, cpu, cuda or cuda:N") from None
-    return name
