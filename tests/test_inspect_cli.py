@@ -180,26 +180,6 @@ def test_kl_per_cell_is_the_formula_on_the_saved_moments(files, tmp_path):
 def test_help_works():
     proc = run_cli("inspect", "--help")
     assert proc.returncode == 0 and "--save-moments" in proc.stdout and "--size-policy" in proc.stdout
-    proc = run_cli("demo", "--help")
-    assert proc.returncode == 0 and "--out" in proc.stdout
-
-
-def test_demo_small_builds_inspects_and_finds_its_hole(tmp_path):
-    proc = run_cli("demo", "--out", tmp_path / "demo", "--small")
-    assert proc.returncode == 0, proc.stderr
-    assert "found exactly there" in proc.stdout
-    report = strict_json(tmp_path / "demo" / "inspect" / "report.json")
-    assert [(a["y"], a["x"]) for a in report["images"][0]["anomalies"]] == [(9, 21)]
-    assert (tmp_path / "demo" / "demo_vae.safetensors").is_file() and (tmp_path / "demo" / "demo.png").is_file()
-
-
-@pytest.mark.slow
-def test_demo_full_size_finds_its_hole(tmp_path):
-    proc = run_cli("demo", "--out", tmp_path / "demo")
-    assert proc.returncode == 0, proc.stderr
-    report = strict_json(tmp_path / "demo" / "inspect" / "report.json")
-    assert report["vae"]["config"]["base_channels"] == 128 and report["vae"]["config"]["channel_mult"] == [1, 2, 4, 4]
-    assert [(a["y"], a["x"]) for a in report["images"][0]["anomalies"]] == [(9, 21)]
 
 
 def test_report_of_an_in_memory_batch_is_strict_json_even_with_nan():

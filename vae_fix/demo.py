@@ -15,7 +15,7 @@ import torch
 
 from .compare import CompareResult, compare_vaes
 from .errors import InputError
-from .inspect import InspectResult, inspect_vae
+from .inspect import inspect_vae
 from .loader import load_vae
 from .probes import PHOTOS, photo
 from .progress import ProgressFn, Steps
