@@ -22,10 +22,12 @@ import folder_paths
 from comfy.ldm.models.autoencoder import DiagonalGaussianRegularizer
 
 from ..vae_fix.codec import DTYPES, Codec, dtype_name, parse_dtype, with_fp32_retry  # noqa: F401  (DTYPES: re-exported for the nodes)
+from ..vae_fix.demo import shipped_models
 from ..vae_fix.errors import InputError, VAELoadError
 from ..vae_fix.progress import ProgressFn
 
 VAE_FOLDER = "vae"
+SHIPPED = "vae_fix_trained/"  # the VAEs trained by this project (vae_fix/models), listed beside models/vae
 DIFFUSERS_CONFIG = "config.json"
 
 # Core builds an SD-shaped KL VAE from the weights alone when the layout is exactly this.
@@ -63,11 +65,14 @@ def vae_choices() -> list[str]:
     folders = _diffusers_folders()
     files = [f for f in folder_paths.get_filename_list(VAE_FOLDER)
              if not any(f.replace(os.sep, "/").startswith(d) for d in folders)]
-    return sorted(files + folders)
+    return sorted(files + folders) + [SHIPPED + p.name for p in shipped_models()]
 
 
 def vae_path(name: str) -> str:
     """The full path of a models/vae entry from `vae_choices()`; InputError when it is not there."""
+    shipped = {SHIPPED + p.name: str(p) for p in shipped_models()}
+    if name in shipped:
+        return shipped[name]
     if name.endswith("/"):
         for root in folder_paths.get_folder_paths(VAE_FOLDER):
             root = os.path.realpath(root)

@@ -9,7 +9,6 @@ import json
 import pytest
 
 from host_models import CORNER
-from host_prompts import write_thumbnail
 from host_server import api_workflow, failed, images_of, node_of, succeeded
 
 pytestmark = pytest.mark.host
@@ -38,7 +37,6 @@ def test_a_hole_on_every_image_is_a_black_hole_in_every_probe(host):
     assert verdict["reach"]["reach_ratio"] > 0 and verdict["reach"]["y"] == 0
     picture = images_of(host, outputs, "2")[0]  # the node's own preview: every probe, the verdict on top
     assert picture.shape[1] > 1000 and picture.shape[0] > 256 and picture.std() > 10
-    write_thumbnail(HEALTH, picture)
 
 
 def test_a_smooth_vae_has_no_black_hole(host):
