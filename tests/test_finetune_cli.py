@@ -73,6 +73,12 @@ def test_finetune_refuses_to_overwrite_and_names_the_flag(planted):
     assert _digest(vae) == before
     wrong = run_cli("finetune", "--vae", vae, "--images", images, "--out", vae.with_suffix(".pt"), *ARGS)
     assert wrong.returncode == 2 and "does not end in .safetensors" in wrong.stderr
+    (empty := vae.parent / "empty").mkdir(exist_ok=True)
+    nothing = run_cli("finetune", "--vae", vae, "--images", empty, "--out", vae.with_name("x.safetensors"), *ARGS)
+    assert nothing.returncode == 2 and "--images" in nothing.stderr and "at least 128 px" in nothing.stderr
+    steps = run_cli("finetune", "--vae", vae, "--images", images, "--out", vae.with_name("x.safetensors"), "--steps", "0")
+    assert steps.returncode == 2 and "--steps" in steps.stderr and "at least 1" in steps.stderr
+    assert not vae.with_name("x.safetensors").exists() and _digest(vae) == before
 
 
 def test_two_torchrun_processes_train_what_one_process_trains(planted, tmp_path):
