@@ -63,25 +63,17 @@ def progress(args, label: str):
     return terminal_progress(label, quiet=args.quiet or args.json)
 
 
-def finish(result: Result, args, extra_files: dict | None = None) -> int:
-    """Write the result into --out (atomically) and print its summary, or its JSON with --json."""
-    files = write_result(result, args.out, extra_files)
+def finish(result: Result, args, extra_files: dict | None = None, out=None, note: str | None = None) -> int:
+    """Write the result into `out` (default --out; atomically) and print its summary and `note`
+    (default: what was written), or its JSON with --json."""
+    out = args.out if out is None else out
+    files = write_result(result, out, extra_files)
     if args.json:
         print(result.json_text())
     elif not args.quiet:
         print(result.summary())
-        print(f"wrote {len(files)} files in {args.out}")
+        print(note or f"wrote {len(files)} files in {out}")
     return 0
-
-
-
-
-
-
-
-
-
-
 
 
 def latent_and_image(args, codec, allow_nonfinite: bool = False):
@@ -100,6 +92,11 @@ def latent_and_image(args, codec, allow_nonfinite: bool = False):
     image = load_image(args.image)
     return read_posterior(codec, image).mean.cpu(), image
 
+
+def flag_values(args, flags: dict) -> dict:
+    """{settings field: value} of the flags given (a table flag → (field, type, help)); unset flags left out."""
+    values = {field: getattr(args, flag[2:].replace("-", "_")) for flag, (field, *_) in flags.items()}
+    return {k: v for k, v in values.items() if v is not None}
 
 
 def new_safetensors_file(text: str, flag: str = "--out") -> Path:

@@ -7,8 +7,8 @@ import json
 
 from ..distributed import leave, world_from_env
 from ..finetune import FinetuneSettings, finetune_vae
-from ..result import check_out_dir, write_file_atomically, write_result
-from ._common import new_safetensors_file, pick_device, progress, say
+from ..result import check_out_dir, write_file_atomically
+from ._common import finish, flag_values, new_safetensors_file, pick_device, progress, say
 
 NAME = "finetune"
 HELP = ("Fine-tune a KL VAE's encoder on --images so its log-variance no longer collapses at any cell (the "
@@ -47,36 +47,34 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ..loader import LoadedVAE, load_vae
+    from ..loader import load_vae
     from ..train_data import folder_files, load_images
 
     out = new_safetensors_file(args.out)
     report = check_out_dir(args.report or out.with_name(out.stem + "_finetune_report"), "--report")
-    given = {field: getattr(args, flag[2:].replace("-", "_")) for flag, (field, _, _) in FLAGS.items()}
-    settings = FinetuneSettings(**{k: v for k, v in given.items() if v is not None}).check()
+    settings = FinetuneSettings(**flag_values(args, FLAGS)).check()
     images = load_images(folder_files(args.images) if args.images else None, held_out=())
     world, device = world_from_env(pick_device(args.device))
     try:
-        vae = load_vae(args.vae, device=device)
-        talk = world.is_main and not (args.quiet or args.json)
+        vae, main = load_vae(args.vae, device=device), world.is_main
         result = finetune_vae(vae.model, images.train, images.train_names, settings, world=world,
-                              progress=progress(args, "finetune") if world.is_main else None,
-                              log=say if talk else None)
-        if world.is_main:
-            stored = next(v.dtype for v in vae.file.state_dict.values() if v.is_floating_point())
-            fixed = LoadedVAE(result.model.to(stored), vae.file)
-            meta = {"vae_fix.finetune": json.dumps({"from": str(args.vae), "floor": result.floor,
-                                                    "before": result.before["line"], "after": result.after["line"],
-                                                    "drift": result.drift})}
-            from ..loader import save_vae
-            write_file_atomically(out, lambda path: save_vae(fixed, path, layout="compvis", metadata=meta))
-            write_result(result, report)
-            if args.json:
-                print(result.json_text())
-            elif not args.quiet:
-                print(result.summary())
-                print(f"wrote {out} and the report in {report}")
+                              progress=progress(args, "finetune") if main else None,
+                              log=say if main and not (args.quiet or args.json) else None)
+        if main:  # one process writes
+            write_file_atomically(out, lambda path: _save(result, vae, args.vae, path))
+            finish(result, args, out=report, note=f"wrote {out}; the report is in {report}")
         world.barrier()
     finally:
         leave(world)
     return 0
+
+
+def _save(result, vae, source: str, path) -> None:
+    """The fine-tuned model in the source file's dtype, its metadata kept, with a note of the fix."""
+    from ..loader import LoadedVAE, save_vae
+
+    stored = next(v.dtype for v in vae.file.state_dict.values() if v.is_floating_point())
+    note = {"from": source, "floor": result.floor, "before": result.before["line"], "after": result.after["line"],
+            "drift": result.drift}
+    save_vae(LoadedVAE(result.model.to(stored), vae.file), path, layout="compvis",
+             metadata={"vae_fix.finetune": json.dumps(note)})

@@ -9,8 +9,8 @@ from ..errors import InputError
 from ..fp16_fix import DEFAULT_HEADROOM, FP16_MAX, fixed_file, fp16_fix
 from ..images import load_image
 from ..probes import SIZES, check_sizes, probe_images
-from ..result import check_out_dir, write_file_atomically, write_result
-from ._common import new_safetensors_file, progress
+from ..result import check_out_dir, write_file_atomically
+from ._common import finish, new_safetensors_file, progress
 
 NAME = "fp16-fix"
 HELP = ("Rescale a KL VAE's weights (exactly: every GroupNorm ignores the scale of its input) so no activation "
@@ -52,12 +52,7 @@ def run(args) -> int:
     if written:
         fixed = fixed_file(result, vae.file)
         write_file_atomically(out, lambda path: save_vae(fixed, path, layout=vae.file.layout))
-    write_result(result, report)
-    if args.json:
-        print(result.json_text())
-    elif not args.quiet:
-        print(result.summary())
-        print(f"wrote {out}" if written else f"{out} not written", f"and the report in {report}")
+    finish(result, args, out=report, note=f"{'wrote' if written else 'did not write'} {out}; the report is in {report}")
     return 0 if result.safe else 1
 
 

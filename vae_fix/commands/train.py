@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..result import check_out_dir, write_result
-from ._common import pick_device, progress, say
+from ._common import flag_values, pick_device, progress, say
 
 NAME = "train"
 HELP = ("Train a KL autoencoder (CompVis layout, SD recipe or one of the study's fixes) on scikit-image's photos "
@@ -54,7 +54,7 @@ def run(args) -> int:
     from ..train_data import HELD_OUT, folder_files, load_images
 
     out = check_out_dir(args.out)
-    given = {field: getattr(args, flag[2:].replace("-", "_")) for flag, (field, _, _) in FLAGS.items()}
+    given = flag_values(args, FLAGS)
     given.update(channel_mult=tuple(args.channel_mult) if args.channel_mult else None, latent_roll=args.latent_roll)
     settings = settings_for(out, **given)
     held = HELD_OUT if args.held_out is None else tuple(args.held_out)
