@@ -44,7 +44,6 @@ def trained(host, tmp_path_factory):
     return host
 
 
-@pytest.mark.parametrize("name", [SHIPPED, FINETUNED])
 def test_the_loader_lists_every_shipped_vae(host):
     options = host.get_json("/object_info/VAEFixLoadVAE")["VAEFixLoadVAE"]["input"]["required"]["vae_name"][1]["options"]
     assert [o for o in options if o.startswith("vae_fix_trained/")] == ["vae_fix_trained/" + p.name for p in shipped_models()]
@@ -56,6 +55,7 @@ def _file(host, name: str):
     return next(p for p in shipped_models() if p.name == name.split("/")[-1]) if name == SHIPPED else host.vae_dir / name
 
 
+@pytest.mark.parametrize("name", [SHIPPED, FINETUNED])
 def test_trained_and_finetuned_vaes_run_in_core_nodes_as_in_the_engine(trained, name):
     outputs = succeeded(trained.run(encode_decode(ours(name), "chelsea256.png")))
     got = images_of(trained, outputs, "5")[0].astype(np.float32) / 255   # [H, W, 3]
