@@ -29,8 +29,12 @@ UNSEEN_PHOTOS = ("chelsea", "coffee")  # probe photos every shipped model was tr
 SIZES = (128, 256)
 
 
+FIRST = ("sd_recipe_small", "floor_recipe_small")  # the SD recipe, then the fix it is compared with
+
+
 def shipped_models() -> list[Path]:
-    return sorted(MODELS.glob("*.safetensors"))
+    order = {name: i for i, name in enumerate(FIRST)}
+    return sorted(MODELS.glob("*.safetensors"), key=lambda p: (order.get(p.stem, len(order)), p.name))
 
 
 @dataclass
