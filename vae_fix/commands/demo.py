@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 
 from ..demo import run_demo
+from ..progress import terminal_progress
 from ..result import check_out_dir, write_result
 from . import _planted_demo
-from ._common import progress
 
 NAME = "demo"
 HELP = ("Inspect the small VAEs trained by this project and shipped with it (vae_fix/models): the Health Check "
@@ -27,8 +27,7 @@ def run(args) -> int:
     if args.planted:
         return _planted_demo.run(args)
     start, out = time.perf_counter(), check_out_dir(args.out)
-    args.json = False
-    result = run_demo(progress=progress(args, "demo"))
+    result = run_demo(progress=terminal_progress("demo", quiet=args.quiet))
     for name, inspection in result.inspections.items():
         write_result(inspection, out / name, inspection.files_in(out / name))
     files = write_result(result, out)

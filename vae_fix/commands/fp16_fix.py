@@ -2,7 +2,6 @@
 its fp32 outputs unchanged; prove it and write the fixed file in the input's layout."""
 from __future__ import annotations
 
-from pathlib import Path
 
 from ..builders.planted import demo_image
 from ..errors import InputError
@@ -16,7 +15,6 @@ NAME = "fp16-fix"
 HELP = ("Rescale a KL VAE's weights (exactly: every GroupNorm ignores the scale of its input) so no activation "
         "on the probe images exceeds fp16's range over --headroom, check that fp32 outputs are unchanged and fp16 "
         "outputs are finite and close, and write the fixed VAE (in the input's layout) only when they are.")
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
 
 
 def add_arguments(p) -> None:
@@ -56,14 +54,12 @@ def run(args) -> int:
     return 0 if result.safe else 1
 
 
-
 def _user_images(folder) -> list:
     if not folder:
         return []
-    path = Path(folder)
-    if not path.is_dir():
-        raise InputError("--images", f"'{path}' is not a folder", "a folder of PNG/JPEG/WebP images")
-    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    from ..train_data import folder_files
+
+    files = folder_files(folder)  # InputError "images" (the CLI says --images) when not a folder
     if not files:
-        raise InputError("--images", f"'{path}' holds no PNG/JPEG/WebP image", "a folder with at least one image")
+        raise InputError("--images", f"'{folder}' holds no PNG/JPEG/WebP image", "a folder with at least one image")
     return [(load_image(p), str(p)) for p in files]
