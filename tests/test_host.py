@@ -142,8 +142,6 @@ def test_inspect_workflow_finds_the_planted_black_hole(host, name, cell):
     assert len(previews) == 2 and all(len(outputs[k]["images"]) == 1 for k in previews)  # channel maps, KL map
     assert overlay.shape[0] >= 256
     assert (host.output_dir / "vae_fix").is_dir()
-    if name == "full_sd":
-        write_thumbnail(INSPECT, overlay)
 
 
 def test_inspect_negative_control_finds_nothing(host):

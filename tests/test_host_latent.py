@@ -67,7 +67,6 @@ def test_find_workflow_points_at_the_smuggling_cell(host):
     assert difference.shape[0] == 256
     lv_map = images_of(host, outputs, fed_by(prompt, "PreviewImage", id_of(prompt, "VAEFixLogVarianceMap"), 0))[0]
     assert lv_map[y * 4:(y + 1) * 4, x * 4:(x + 1) * 4].mean() < lv_map[:128, :128].mean() - 40  # and the black hole
-    write_thumbnail(FIND, overlay)
 
 
 # ---------------------------------------------------------------- workflow: edit channels in text to image
@@ -250,7 +249,6 @@ def test_compare_workflow_tells_the_smuggler_from_the_clean_vae(host):
     assert report["verdicts"][name_a]["status"] == "single_image" and report["verdicts"][name_b]["status"] == "none"
     picture = images_of(host, outputs, fed_by(prompt, "SaveImage", compare, 0))[0]
     assert picture.shape[0] >= 256 and picture.shape[1] > 5 * 256  # image, 2 reconstructions, 2 maps, colour bar
-    write_thumbnail(COMPARE, picture)
 
 
 def test_compare_vaes_with_different_channel_counts(host):
