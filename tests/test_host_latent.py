@@ -193,7 +193,7 @@ def test_repair_workflow_takes_the_smuggling_cell_out(host):
 
 def test_rgb_previews_of_the_repair_workflow_use_the_sd1_factors(host):
     prompt = use_models(api_workflow(REPAIR), SMUGGLER)
-    encoder, repair = id_of(prompt, "VAEEncode"), id_of(prompt, "VAEFixRepairLatent")
+    encoder = id_of(prompt, "VAEEncode")
     original = fed_by(prompt, "VAEFixLatentPreviewRGB", encoder, 0)
     prompt = {k: n for k, n in prompt.items() if k in (original, encoder) or n["class_type"] in ("VAEFixLoadVAE", "LoadImage")}
     prompt["info"], prompt["z"] = preview_text([original, 1]), save_latent([encoder, 0], "preview")
