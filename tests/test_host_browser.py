@@ -1,8 +1,10 @@
 """The pack as a user sees it, in ComfyUI's own frontend: headless Chromium from the distribution's
 packages, driven by Playwright for Python with that system browser (no browser download), against
 the session's ComfyUI server. Every node is found by search, every UI workflow loads without a
-missing-node or error dialog, the VAE-only workflows are queued from the page and finish, and the
-node rectangles of the live graph (`app.graph`) do not overlap after the run. Screenshots go to
+missing-node or error dialog, every workflow is queued from the page and finishes (the SD1.5
+text-to-image ones with the small checkpoint of tests/host_checkpoints.py, at 64 px and 4 steps set in
+the page: the files unchanged), and the node rectangles of the live graph (`app.graph`) do not
+overlap after the run. Screenshots go to
 $VAEFIX_SCREENSHOTS (default: the test's temporary folder). Skipped by name without ComfyUI,
 Playwright or Chromium."""
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from host_checkpoints import generation_models
 from host_models import IMAGE, SMUGGLER
 from run_cli import ROOT
 
@@ -24,6 +27,7 @@ CHROMIUM = next((p for p in (shutil.which("chromium"), shutil.which("chromium-br
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
 VAE_ONLY = ["vae_fix_vae_health_check", "vae_fix_inspect_black_holes", "vae_fix_find_smuggling_cell",
             "vae_fix_repair_before_decoding", "vae_fix_compare_two_vaes"]
+GENERATION = ["vae_fix_swap_vae_sd15_txt2img", "vae_fix_edit_channels_sd15_txt2img", "vae_fix_generate_check_repair_sd15"]
 TITLE = 30  # px the frontend draws a node's title above its `pos`
 
 
@@ -83,14 +87,27 @@ def test_every_node_is_found_by_search(host, page):
     page.screenshot(path=str(page.shots / "search.png"))
 
 
+def for_the_test(graph: dict) -> dict:
+    """The tests' files in place of the user's (as the API-twin host tests do); a text-to-image graph
+    keeps its file names (the fixture built them) and is CPU-sized: 64 px, 4 steps."""
+    generation = any(n["type"] == "KSampler" for n in graph["nodes"])
+    for node in graph["nodes"]:
+        values = node.get("widgets_values")
+        if node["type"] == "VAEFixLoadVAE" and not generation:
+            values[0] = SMUGGLER
+        elif node["type"] == "LoadImage":
+            values[0] = IMAGE
+        elif node["type"] == "EmptyLatentImage":
+            values[0] = values[1] = 64
+        elif node["type"] == "KSampler":
+            values[2] = 4  # seed, control, steps, cfg, sampler, scheduler, denoise
+    return graph
+
+
 def load(page, path: Path, for_run: bool = False) -> list[dict]:
     graph = json.loads(path.read_text())
-    if for_run:  # the tests' files in place of the user's, as the API-twin host tests do
-        for node in graph["nodes"]:
-            if node["type"] == "VAEFixLoadVAE":
-                node["widgets_values"][0] = SMUGGLER
-            elif node["type"] == "LoadImage":
-                node["widgets_values"][0] = IMAGE
+    if for_run:
+        graph = for_the_test(graph)
     page.evaluate("(g) => app.loadGraphData(g)", graph)
     time.sleep(1.5)
     return page.evaluate("app.graph._nodes.map(n => ({id: n.id, type: n.type, pos: [n.pos[0], n.pos[1]], "
@@ -121,8 +138,14 @@ def test_the_overlap_check_sees_an_overlap():
     assert not overlaps([a, {"id": 2, "type": "B", "pos": [120, 40], "size": [100, 100]}])
 
 
-@pytest.mark.parametrize("name", VAE_ONLY)
-def test_vae_only_workflows_run_from_the_page_and_nothing_overlaps_after(host, page, name):
+def test_every_workflow_is_run_by_the_browser_test():
+    assert sorted(VAE_ONLY + GENERATION) == [p.stem for p in WORKFLOWS]
+
+
+@pytest.mark.parametrize("name", VAE_ONLY + GENERATION)
+def test_workflows_run_from_the_page_and_nothing_overlaps_after(host, page, name):
+    if name in GENERATION:
+        generation_models(host, "sd15")
     load(page, ROOT / "workflows" / f"{name}.json", for_run=True)
     done_before = len(host.get_json("/history"))
     page.evaluate("app.queuePrompt(0, 1)")
