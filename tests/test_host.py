@@ -112,8 +112,8 @@ def test_long_inspect_shows_progress_and_stops_on_interrupt(host):
 
 # ---------------------------------------------------------------- the example workflows, as the tests run them
 
-INSPECT = "vae_fix_inspect_black_holes"
-SWAP = "vae_fix_swap_vae_sd15_txt2img"
+INSPECT = "Inspect a VAE for black holes"
+SWAP = "SD1.5 text to image with a swapped VAE"
 
 
 @pytest.mark.parametrize("name,cell", [("planted_sd", PLANTED_CELL), ("planted_16ch", PLANTED16_CELL), ("full_sd", PLANTED_CELL)])

@@ -19,15 +19,16 @@ import pytest
 
 from host_checkpoints import generation_models
 from host_models import IMAGE, SMUGGLER
+from host_server import PACK_FOLDER
 from run_cli import ROOT
 
 pytestmark = pytest.mark.host
 CHROMIUM = next((p for p in (shutil.which("chromium"), shutil.which("chromium-browser"),
                              os.environ.get("VAEFIX_CHROMIUM")) if p), None)
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
-VAE_ONLY = ["vae_fix_vae_health_check", "vae_fix_inspect_black_holes", "vae_fix_find_smuggling_cell",
-            "vae_fix_repair_before_decoding", "vae_fix_compare_two_vaes"]
-GENERATION = ["vae_fix_swap_vae_sd15_txt2img", "vae_fix_edit_channels_sd15_txt2img", "vae_fix_generate_check_repair_sd15"]
+VAE_ONLY = ["VAE Health Check", "Inspect a VAE for black holes", "Find the cell that smuggles",
+            "Repair a latent before decoding", "Compare two VAEs"]
+GENERATION = ["SD1.5 text to image with a swapped VAE", "SD1.5 text to image with a channel edit", "SD1.5 generate, check, repair, decode"]
 TITLE = 30  # px the frontend draws a node's title above its `pos`
 
 
@@ -161,3 +162,16 @@ def test_workflows_run_from_the_page_and_nothing_overlaps_after(host, page, name
     assert not overlaps(nodes), overlaps(nodes)
     assert not [d for d in dialogs(page) if "error" in d.lower()]
     page.screenshot(path=str(page.shots / f"{name}_after_run.png"))
+
+
+def test_the_template_browser_shows_each_workflow_by_its_title(page):
+    page.keyboard.press("Escape")
+    page.locator(".side-bar-button", has_text="Templates").first.click()
+    page.get_by_text(PACK_FOLDER, exact=True).first.click()  # the pack's entry in the browser's list
+    titles = [p.stem for p in WORKFLOWS]
+    page.get_by_text(titles[0], exact=True).first.wait_for(timeout=20_000)
+    time.sleep(2)  # thumbnails load
+    shown = page.locator(".p-dialog").first.inner_text()
+    page.screenshot(path=str(page.shots / "templates.png"))
+    page.keyboard.press("Escape")
+    assert [t for t in titles if t not in shown] == [], shown[:2000]

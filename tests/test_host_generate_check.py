@@ -13,7 +13,7 @@ from host_prompts import write_thumbnail
 from host_server import api_workflow, images_of, node_of, succeeded
 
 pytestmark = pytest.mark.host
-NAME = "vae_fix_generate_check_repair_sd15"
+NAME = "SD1.5 generate, check, repair, decode"
 VERDICT_STARTS = ("no black hole found", "black hole", "log-variance collapse")
 
 

@@ -14,7 +14,7 @@ from host_checkpoints import (cell_mask, cpu_sized, generation_models, node, sav
 from host_server import api_workflow, id_of, images_of, node_of, succeeded
 
 pytestmark = pytest.mark.host
-SWAP, EDIT = "vae_fix_swap_vae_sd15_txt2img", "vae_fix_edit_channels_sd15_txt2img"
+SWAP, EDIT = "SD1.5 text to image with a swapped VAE", "SD1.5 text to image with a channel edit"
 
 
 @pytest.fixture(scope="session")

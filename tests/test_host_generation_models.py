@@ -23,7 +23,7 @@ LOADED = "Requested to load AutoencoderKL"
 def decoded(host, latent_node: dict | None) -> tuple[np.ndarray, str]:
     """(picture, log of the run) of the swap workflow decoding the sampler's latent through
     `latent_node` (an identity on it: a new node makes VAE Decode run again with the cached VAE)."""
-    prompt = cpu_sized(api_workflow("vae_fix_swap_vae_sd15_txt2img"))
+    prompt = cpu_sized(api_workflow("SD1.5 text to image with a swapped VAE"))
     del prompt[id_of(prompt, "PreviewAny")]
     if latent_node is not None:
         prompt["via"] = latent_node

@@ -12,7 +12,7 @@ from host_models import CORNER
 from host_server import api_workflow, failed, images_of, node_of, succeeded
 
 pytestmark = pytest.mark.host
-HEALTH = "vae_fix_vae_health_check"
+HEALTH = "VAE Health Check"
 PROBES = 20  # 10 probe images at 128 and 256 px
 
 

@@ -41,7 +41,7 @@ def test_latent_help_pages_are_served(host):
 
 # ---------------------------------------------------------------- workflow: find the cell that smuggles
 
-FIND = "vae_fix_find_smuggling_cell"
+FIND = "Find the cell that smuggles"
 
 
 def test_find_workflow_points_at_the_smuggling_cell(host):
@@ -71,7 +71,7 @@ def test_find_workflow_points_at_the_smuggling_cell(host):
 
 # ---------------------------------------------------------------- workflow: edit channels in text to image
 
-EDIT = "vae_fix_edit_channels_sd15_txt2img"
+EDIT = "SD1.5 text to image with a channel edit"
 
 
 
@@ -164,7 +164,7 @@ def test_statistics_of_a_16_channel_latent(host):
 
 # ---------------------------------------------------------------- workflow: repair before decoding
 
-REPAIR = "vae_fix_repair_before_decoding"
+REPAIR = "Repair a latent before decoding"
 
 
 def test_repair_workflow_takes_the_smuggling_cell_out(host):
@@ -219,7 +219,7 @@ def test_rgb_preview_fits_a_map_for_other_vaes(host, family, channels):
 
 # ---------------------------------------------------------------- workflow: compare two VAEs
 
-COMPARE = "vae_fix_compare_two_vaes"
+COMPARE = "Compare two VAEs"
 
 
 def compare_prompt(vae_a: str, vae_b: str) -> dict:

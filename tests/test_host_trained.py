@@ -69,10 +69,10 @@ def test_trained_and_finetuned_vaes_run_in_core_nodes_as_in_the_engine(trained, 
 
 
 def test_health_check_node_gives_the_engines_verdict_on_the_shipped_vae(trained):
-    prompt = api_workflow("vae_fix_vae_health_check")
+    prompt = api_workflow("VAE Health Check")
     node_of(prompt, "VAEFixLoadVAE")["inputs"]["vae_name"] = SHIPPED
     outputs = succeeded(trained.run(prompt))
     line = outputs["3"]["text"][0]
-    write_thumbnail("vae_fix_vae_health_check", images_of(trained, outputs, "2")[0])  # the card: a VAE trained here
+    write_thumbnail("VAE Health Check", images_of(trained, outputs, "2")[0])  # the card: a VAE trained here
     engine = inspect_vae(load_vae(_file(trained, SHIPPED)).codec(), None, check_reach=False).verdict.line()
     assert line == engine, (line, engine)

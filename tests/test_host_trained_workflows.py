@@ -44,7 +44,7 @@ def the_photo(host) -> torch.Tensor:
 
 
 def test_inspect_workflow_on_the_trained_vae_gives_the_engines_verdict(unseen):
-    prompt = use_models(api_workflow("vae_fix_inspect_black_holes"), SD, PHOTO)
+    prompt = use_models(api_workflow("Inspect a VAE for black holes"), SD, PHOTO)
     node = id_of(prompt, "VAEFixInspectVAE")
     prompt["report"] = {"class_type": "PreviewAny", "inputs": {"source": [node, 2]}}
     outputs = succeeded(unseen.run(prompt))
@@ -55,11 +55,11 @@ def test_inspect_workflow_on_the_trained_vae_gives_the_engines_verdict(unseen):
     assert got["anomaly_count"] == want["anomaly_count"] == 0 and got["clamp_floor"]["cells"] == 0
     assert abs(got["logvar_raw"]["median"] - want["logvar_raw"]["median"]) < 0.05
     assert -30 < got["logvar_raw"]["min"] < got["logvar_raw"]["median"] < -3  # learned, far from the floor
-    write_thumbnail("vae_fix_inspect_black_holes", images_of(unseen, outputs, node)[0])
+    write_thumbnail("Inspect a VAE for black holes", images_of(unseen, outputs, node)[0])
 
 
 def test_find_workflow_on_the_trained_vae_ranks_cells_as_the_engine_does(unseen):
-    prompt = use_models(api_workflow("vae_fix_find_smuggling_cell"), SD, PHOTO)
+    prompt = use_models(api_workflow("Find the cell that smuggles"), SD, PHOTO)
     reach, encoder = id_of(prompt, "VAEFixLatentReachMap"), id_of(prompt, "VAEEncode")
     prompt["z"] = save_latent([encoder, 0], "trained_find")
     outputs = succeeded(unseen.run(prompt))
@@ -72,11 +72,11 @@ def test_find_workflow_on_the_trained_vae_ranks_cells_as_the_engine_does(unseen)
     assert abs(report["max_over_median"] / engine["max_over_median"] - 1) < 0.02
     exact = json.loads(text_of(outputs, fed_by(prompt, "PreviewAny", id_of(prompt, "VAEFixLatentCellReach"), 2)))
     assert sorted((c["y"], c["x"]) for c in exact["cells"]) == sorted(cells)  # the map's top cells, measured exactly
-    write_thumbnail("vae_fix_find_smuggling_cell", images_of(unseen, outputs, fed_by(prompt, "SaveImage", reach, 1))[0])
+    write_thumbnail("Find the cell that smuggles", images_of(unseen, outputs, fed_by(prompt, "SaveImage", reach, 1))[0])
 
 
 def test_repair_workflow_leaves_the_trained_vaes_latent_alone(unseen):
-    prompt = use_models(api_workflow("vae_fix_repair_before_decoding"), SD, PHOTO)
+    prompt = use_models(api_workflow("Repair a latent before decoding"), SD, PHOTO)
     node, encoder = id_of(prompt, "VAEFixRepairLatent"), id_of(prompt, "VAEEncode")
     prompt["before"], prompt["after"] = save_latent([encoder, 0], "trained_before"), save_latent([node, 0], "trained_after")
     outputs = succeeded(unseen.run(prompt))
@@ -88,7 +88,7 @@ def test_repair_workflow_leaves_the_trained_vaes_latent_alone(unseen):
 
 
 def test_compare_workflow_sets_the_sd_recipe_against_the_floor_fix(unseen):
-    prompt = use_models(api_workflow("vae_fix_compare_two_vaes"), SD, PHOTO)
+    prompt = use_models(api_workflow("Compare two VAEs"), SD, PHOTO)
     node = id_of(prompt, "VAEFixCompareVAEs")
     settings = prompt[node]["inputs"]
     prompt[settings["vae_b"][0]]["inputs"]["vae_name"] = FLOOR
@@ -102,4 +102,4 @@ def test_compare_workflow_sets_the_sd_recipe_against_the_floor_fix(unseen):
         assert abs(got["psnr_db"] - want["psnr_db"]) < 0.05 and got["anomaly_count"] == 0
         assert report["verdicts"][name]["status"] == "none"
     assert report["images"][0]["b_minus_a"]["psnr_db"] > 0  # the floor fix reconstructs this photo better
-    write_thumbnail("vae_fix_compare_two_vaes", images_of(unseen, outputs, fed_by(prompt, "SaveImage", node, 0))[0])
+    write_thumbnail("Compare two VAEs", images_of(unseen, outputs, fed_by(prompt, "SaveImage", node, 0))[0])

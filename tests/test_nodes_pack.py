@@ -157,6 +157,15 @@ def test_every_workflow_has_a_thumbnail_and_an_api_twin():
     assert sorted(p.name for p in API_WORKFLOWS.glob("*.json")) == [p.name for p in WORKFLOWS], "API twin without a UI workflow"
 
 
+def test_workflow_names_read_as_titles():
+    """The template browser shows a pack's file names as the cards' titles (frontend 1.27:
+    getTemplateTitle falls back to the name for custom nodes), so each name is the title."""
+    for ui in WORKFLOWS:
+        title = ui.stem
+        assert "_" not in title and title[0].isupper() and len(title) <= 40, f"{ui.name} is not a readable title"
+        assert all(c.isalnum() or c in " .,-" for c in title), f"{ui.name}: keep titles to words and . , -"
+
+
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
 def test_ui_workflow_is_consistent(path):
     wf = json.loads(path.read_text())
