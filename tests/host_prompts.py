@@ -2,6 +2,8 @@
 readers of what the nodes sent back."""
 from __future__ import annotations
 
+import math
+
 import os
 import uuid
 
@@ -131,11 +133,49 @@ def cpu_sized(prompt: dict, checkpoint: str) -> dict:
     return prompt
 
 
+def panels(picture: np.ndarray) -> list[np.ndarray]:
+    """The side-by-side panels of a strip `[H, W, 3]`, split at columns all of the background colour
+    (the top-left pixel: the pack's pictures have a label band above their panels)."""
+    flat = (picture == picture[:1, :1]).all(axis=(0, 2))  # columns entirely the corner's colour
+    cuts, start = [], None
+    for x, is_gap in enumerate(list(flat) + [True]):
+        if not is_gap and start is None:
+            start = x
+        elif is_gap and start is not None:
+            cuts.append((start, x)); start = None
+    merged = []
+    for a, b in cuts:  # a colour bar's bar, ticks and labels are narrow pieces of one panel
+        if merged and b - a < picture.shape[0] // 3 and cuts.index((a, b)) and merged[-1][1] >= a - 12:
+            merged[-1] = (merged[-1][0], b)
+        else:
+            merged.append((a, b))
+    return [picture[:, a:b] for a, b in merged]
+
+
+def card(picture: np.ndarray, gap: int = 6) -> np.ndarray:
+    """A wide strip of panels rewrapped into rows so that it reads at a template card's (square) size."""
+    h, w = picture.shape[:2]
+    parts = panels(picture)
+    if w < 2 * h or len(parts) < 3:
+        return picture
+    columns = math.ceil(math.sqrt(len(parts)))
+    rows = [parts[i:i + columns] for i in range(0, len(parts), columns)]
+    width = max(sum(p.shape[1] for p in row) + gap * (len(row) - 1) for row in rows)
+    out = np.empty((h * len(rows) + gap * (len(rows) - 1), width, 3), picture.dtype)
+    out[:] = picture[0, 0]
+    for r, row in enumerate(rows):
+        x = 0
+        for p in row:
+            out[r * (h + gap):r * (h + gap) + h, x:x + p.shape[1]] = p
+            x += p.shape[1] + gap
+    return out
+
+
 def write_thumbnail(name: str, picture: np.ndarray, min_side: int = 256) -> None:
     """With VAEFIX_WRITE_THUMBNAILS=1, the picture a workflow produced becomes its template thumbnail."""
     if not os.environ.get("VAEFIX_WRITE_THUMBNAILS"):
         return
-    im = Image.fromarray(picture)
+    im = Image.fromarray(card(picture))
     zoom = max(1, -(-min_side // min(im.size)))
     im.resize((im.width * zoom, im.height * zoom), Image.NEAREST).save(WORKFLOWS / f"{name}.jpg", quality=90)
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import ast
 import json
 import math
+import numpy as np
 from pathlib import Path
 
 import pytest
@@ -241,3 +242,20 @@ def test_a_node_outside_every_group_is_caught():
 def test_a_workflow_without_a_useful_note_is_caught():
     assert note_problems(synthetic(node(1, "VAEDecode", (0, 0), (220, 80)))) == ["no Note node"]
     assert note_problems(synthetic(node(1, "MarkdownNote", (0, 0), (320, 100), values=["Queue it."])))
+
+
+def test_a_strip_of_panels_is_rewrapped_into_a_card():
+    """Template thumbnails (tests/host_prompts.card): a wide strip reads at card size in rows."""
+    from host_prompts import card
+
+    strip = np.full((40, 3 * 40 + 2 * 6 + 6 + 10, 3), 255, np.uint8)  # white, as the pack's pictures
+    for i, colour in enumerate(((200, 0, 0), (0, 200, 0), (0, 0, 200))):
+        strip[4:, i * 46:i * 46 + 40] = colour  # under a label band
+    strip[5:35, 3 * 46:3 * 46 + 4] = 0  # a colour bar: narrow pieces that belong to the last panel
+    strip[10:12, 3 * 46 + 7:3 * 46 + 10] = 0
+    out = card(strip)
+    assert out.shape[0] == 2 * 40 + 6 and out.shape[1] < strip.shape[1]  # two rows, narrower
+    assert (out[4:40, :40] == (200, 0, 0)).all() and (out[4:40, 46:86] == (0, 200, 0)).all()
+    assert (out[50:, :40] == (0, 0, 200)).all() and (out[46:, 46:50] == strip[:, 138:142]).all()
+    square = np.zeros((64, 64, 3), np.uint8)
+    assert card(square) is square  # not a strip: left as it is
