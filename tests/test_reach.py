@@ -150,6 +150,21 @@ def test_fast_map_bad_arguments(kwargs, needle):
         fast_reach_map(local_plus_global, torch.zeros(1, 4, 16, 16), **kwargs)
 
 
+def test_reach_map_shrinks_a_grid_that_does_not_fit_a_small_latent_and_says_so(sd_small):
+    """The 8x8 latent of a 64 px image: the defaults (window 3, 3x3 regions) leave no far field, so
+    the feature uses fewer regions and a smaller window, and its report and headline say so."""
+    with torch.no_grad():
+        result = reach_map(model_codec(sd_small), torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)))
+    data = result.to_json()
+    assert (data["window"], data["blocks"], data["fitted_from"]) == (1, 2, {"window": 3, "blocks": 3})
+    assert data["backward_passes"] == 4 and data["latent_size"] == [8, 8]
+    unmeasured = (~torch.isfinite(result.reach)).nonzero().tolist()
+    assert unmeasured == [[3, 3], [3, 4], [4, 3], [4, 4]]  # their window touches all 4 regions: no far field
+    assert all(tuple(c) not in {(3, 3), (3, 4), (4, 3), (4, 4)} for c in result.top_cells)
+    assert "do not fit, used window 1, 2x2" in result.headline()
+    assert "fitted_from" not in reach_map(model_codec(sd_small), torch.randn(1, 4, 16, 16), window=2).to_json()
+
+
 def test_exact_bad_cells():
     with pytest.raises(InputError, match=r"cell \(16, 0\) is outside the 16x16 latent"):
         exact_reach(local_plus_global, torch.zeros(1, 4, 16, 16), [(16, 0)], window=2)

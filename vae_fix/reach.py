@@ -15,7 +15,7 @@ from .codec import Codec
 from .edit import check_latent
 from .errors import InputError
 from .progress import ProgressFn, Steps
-from .reach_measure import (MODES, CellReach, check_mode, exact_inputs, exact_reach, fast_reach_map,  # noqa: F401
+from .reach_measure import (MODES, CellReach, check_mode, exact_inputs, exact_reach, fast_reach_map, fit_grid,  # noqa: F401
                             measure_cells, near_box, neighbour_median, perturbation, reach_to_map, summarize_map,
                             top_cells)  # the measures too, for the features that use them (repair, compare)
 from .result import Result
@@ -118,8 +118,11 @@ class ReachMapResult(Result):
         s = summarize_map(self.reach, 1)
         ratio = f" ({s['max_over_median']:.0f}x)" if s["max_over_median"] else ""
         (y, x), (h, w) = self.top_cells[0], self.reach.shape
+        fitted = self.settings.get("fitted_from")
+        note = (f"; window {fitted['window']} and {fitted['blocks']}x{fitted['blocks']} regions do not fit, used "
+                f"window {self.settings['window']}, {self.settings['blocks']}x{self.settings['blocks']}") if fitted else ""
         return (f"reach map of a {h}x{w} latent ({self.passes} backward passes): strongest cell {y},{x} = "
-                f"{s['max']:.3g}, median {s['median']:.3g}{ratio}")
+                f"{s['max']:.3g}, median {s['median']:.3g}{ratio}{note}")
 
     def summary(self) -> str:
         median = summarize_map(self.reach, 1)["median"]
@@ -191,10 +194,15 @@ def reach_map(codec: Codec, z: torch.Tensor, *, mode: str = "median", factor: fl
     passes through the codec's decoder (`fast_reach_map`); the `top` strongest cells are boxed and listed."""
     _check_top(top)
     viz.colormap_lut(cmap)  # an unknown colormap is refused before the work, not after
+    asked = {"window": window, "blocks": blocks}
+    if isinstance(z, torch.Tensor) and z.dim() == 4:
+        window, blocks = fit_grid(window, blocks, *z.shape[-2:])
     fast = fast_reach_map(codec.need_decoder(grad=True), z, mode=mode, factor=factor, window=window,
                           blocks=blocks, index=index, progress=progress)
     settings = {"mode": mode, "factor": factor if mode == "scale" else None, "window": window, "blocks": blocks,
                 "index": index}
+    if asked != {"window": window, "blocks": blocks}:
+        settings["fitted_from"] = asked  # the result says it shrank what did not fit
     return ReachMapResult(fast.reach, _pixels(fast.image[0]), settings, fast.passes, fast.downscale, top, cmap,
                           values_in_json, dict(codec.info))
 

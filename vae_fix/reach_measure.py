@@ -241,6 +241,22 @@ def _check_blocks(blocks: int, window: int, h: int, w: int) -> None:
                          f"a window of at most {(min(h, w) // blocks - 1) // 2} cells, or fewer regions")
 
 
+def fit_grid(window: int, blocks: int, h: int, w: int) -> tuple[int, int]:
+    """(window, blocks) that fit an `h x w` latent: fewer regions first (down to 2), then a smaller
+    window (down to 0), so that a small latent (8x8 of a 64 px image) gets a map, not a refusal.
+    Values that fit come back unchanged; nonsense (negative, not whole, a window that alone leaves
+    no far field) is left for the checks to refuse. With 2 regions, cells whose window touches every
+    region have no far field to measure: their value is NaN (listed last, never a top cell)."""
+    if (not all(isinstance(v, int) and not isinstance(v, bool) for v in (window, blocks)) or window < 0
+            or blocks < 2 or 2 * window + 1 >= max(h, w)):
+        return window, blocks
+    while blocks > 2 and min(h, w) < blocks * (2 * window + 1):
+        blocks -= 1
+    while window > 0 and min(h, w) < blocks * (2 * window + 1):
+        window -= 1
+    return window, blocks
+
+
 def far_region_means(delta: torch.Tensor, y: int, x: int, window: int, downscale: int,
                      blocks: int, h: int, w: int) -> torch.Tensor:
     """RMS over the far regions of the mean change (over pixels and RGB) of each region.
