@@ -26,8 +26,9 @@ class LatentPreviewRGB(io.ComfyNode):
                 io.Latent.Input("latent", tooltip="Any latent in raw VAE space (VAE Encode, a sampler, Load Latent, ...)."),
                 io.Combo.Input("family", options=list(FAMILY_CHOICES), default="auto",
                                tooltip="Whose colour factors to use. 'auto' takes the only known family with this channel "
-                                       "count (16: SD3 and Flux differ, pick one), or fits from the VAE when one is connected "
-                                       "and the count is ambiguous or unknown. 'fit from the VAE' always fits (needs 'vae')."),
+                                       "count; when two share it (4: SD1.x/SDXL, 16: SD3/Flux) it fits from the VAE if one is "
+                                       "connected, else takes the family whose scale fits the latent's spread and says which "
+                                       "in 'info'. 'fit from the VAE' always fits (needs 'vae')."),
                 io.Int.Input("scale", default=8, min=1, max=64,
                              tooltip="Pixels per latent cell in the picture (8: the size SD would decode to)."),
                 io.Vae.Input("vae", optional=True,

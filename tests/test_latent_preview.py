@@ -71,8 +71,8 @@ def test_latent_preview_chooses_and_checks():
     assert latent_preview(z16, "flux").map.source == "flux"
     with pytest.raises(InputError, match=r"sd3 latents have 16 channels, this one has 4.*sd1, sdxl"):
         latent_preview(z4, "sd3")
-    with pytest.raises(InputError, match="'auto' cannot choose for 4 channels"):
-        latent_preview(z4, "auto")
+    with pytest.raises(InputError, match="'auto' cannot choose for 8 channels"):
+        latent_preview(z8, "auto")  # no known family, no VAE to fit with
     with pytest.raises(InputError, match="Invalid vae: a fitted preview map needs a VAE"):
         latent_preview(z8, "fit")
     with pytest.raises(InputError, match="8 channels for a sd1 preview of 4"):
@@ -104,11 +104,27 @@ def test_cli_preview_of_an_sd1_latent_uses_the_sd1_factors(tmp_path):
         assert float((got - want[i]).abs().max()) <= 1 / 255 + 1e-6
 
 
-def test_cli_preview_auto_refuses_an_ambiguous_family_without_a_vae(tmp_path, capsys):
-    path = write_latent(torch.randn(1, 4, 8, 8), tmp_path / "z.latent")
-    assert main(["preview", "--latent", str(path), "--out", str(tmp_path / "o")]) == 2
-    assert "Invalid --family: 'auto' cannot choose for 4 channels" in capsys.readouterr().err
-    assert not (tmp_path / "o").exists()
+@pytest.mark.parametrize("channels,spread,want", [(4, 1 / 0.18215, "sd1"), (4, 1 / 0.13025, "sdxl"),
+                                                   (16, 1 / 1.5305, "sd3"), (16, 1 / 0.3611, "flux")])
+def test_auto_picks_the_family_whose_scale_fits_the_latent_and_says_so(channels, spread, want):
+    """Without a VAE, 'auto' on 4 or 16 channels takes the family whose sampler scale (1 / std of its
+    raw latents) fits this latent's spread, instead of refusing every SD1.x and SDXL latent."""
+    z = torch.randn(2, channels, 16, 16, generator=torch.Generator().manual_seed(1)) * spread
+    result = latent_preview(z, "auto")
+    assert result.map.source == want and result.to_json()["chosen"].startswith(f"'auto' chose {want} of ")
+    assert result.summary().splitlines()[-1] == result.to_json()["chosen"]
+    assert torch.equal(result.images, latent_preview(z, want).images)  # exactly that family's published map
+    assert "chosen" not in latent_preview(z, want).to_json()  # a named family needs no note
+
+
+def test_cli_preview_auto_without_a_vae_names_its_choice(tmp_path, capsys):
+    path = write_latent(torch.randn(1, 4, 8, 8) * 5.5, tmp_path / "z.latent")
+    assert main(["preview", "--latent", str(path), "--out", str(tmp_path / "o")]) == 0
+    assert strict_json(tmp_path / "o" / "info.json")["chosen"].startswith("'auto' chose sd1 of sd1, sdxl")
+    path8 = write_latent(torch.randn(1, 8, 8, 8), tmp_path / "z8.latent")
+    assert main(["preview", "--latent", str(path8), "--out", str(tmp_path / "o8")]) == 2
+    assert "Invalid --family: 'auto' cannot choose for 8 channels" in capsys.readouterr().err
+    assert not (tmp_path / "o8").exists()
     path16 = write_latent(torch.randn(1, 16, 8, 8), tmp_path / "z16.latent")
     assert main(["preview", "--latent", str(path16), "--out", str(tmp_path / "o16"), "--family", "flux"]) == 0
     assert strict_json(tmp_path / "o16" / "info.json")["source"] == "flux"

@@ -8,6 +8,7 @@ one latent, averages the image over each cell's pixels and fits the map by least
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -104,31 +105,53 @@ def fit_preview(z: torch.Tensor, decode_fn: Callable[[torch.Tensor], torch.Tenso
 class PreviewResult(Result):
     map: LinearPreview
     images: torch.Tensor             # [B, 3, h*scale, w*scale] 0..1, one per latent
+    chosen: str = ""                 # how "auto" chose between families of one channel count
 
     json_name = "info"
 
     def to_json(self) -> dict:
-        return self.map.to_dict()
+        return dict(self.map.to_dict(), **({"chosen": self.chosen} if self.chosen else {}))
 
     def summary(self) -> str:
         m = self.map
         how = (f"fitted from one decode, R² per colour {', '.join(f'{r:.3f}' for r in m.r2)}" if m.source == "fit"
                else f"the published {m.source} factors")
-        return f"RGB preview of {len(self.images)} latent(s) with {m.channels} channels: {how}"
+        return f"RGB preview of {len(self.images)} latent(s) with {m.channels} channels: {how}" + (
+            f"\n{self.chosen}" if self.chosen else "")
 
     def pictures(self) -> dict:
         return {"preview": list(self.images)}
 
 
-def choose_family(channels: int, family: str, can_fit: bool, input_name: str = "family") -> Optional[LatentFamily]:
-    """The family whose published map to use, or None for a fit. "auto": the only known family with
-    this channel count, else a fit when `can_fit`; "fit": always a fit."""
+def likelier_family(z: torch.Tensor, matches: list[LatentFamily]) -> tuple[LatentFamily, str]:
+    """Of several families with z's channel count, the one whose sampler scale fits z's spread:
+    `scale` is 1 / std of a family's raw latents (SD1.x 0.18215, SDXL 0.13025; SD3 1.5305, Flux
+    0.3611), so the family with the least |log(std(z - shift) * scale)| wins; returns it and why."""
+    x = z.detach().float().cpu()
+    x = x[torch.isfinite(x)]
+    def misfit(f: LatentFamily) -> float:
+        std = float((x - f.shift).pow(2).mean().sqrt()) if x.numel() else 0.0
+        return abs(math.log(max(std * f.scale, 1e-12)))
+    best = min(matches, key=misfit)
+    std = float((x - best.shift).pow(2).mean().sqrt()) if x.numel() else 0.0
+    others = ", ".join(f"{f.name} {1 / f.scale:.2f}" for f in matches if f is not best)
+    return best, (f"'auto' chose {best.name} of {', '.join(f.name for f in matches)}: the latent's spread "
+                  f"{std:.2f} is closest to {best.name}'s {1 / best.scale:.2f} (1 / its scale; {others})")
+
+
+def choose_family(channels: int, family: str, can_fit: bool, input_name: str = "family",
+                  z: Optional[torch.Tensor] = None) -> tuple[Optional[LatentFamily], str]:
+    """(the family whose published map to use or None for a fit, a note on how "auto" chose).
+    "auto": the only known family with this channel count, else a fit when `can_fit`, else the
+    likelier of several by the latent's spread (`likelier_family`); "fit": always a fit."""
     if family == "fit":
-        return None
+        return None, ""
     matches = families_with_channels(channels)
     if family == "auto":
         if len(matches) == 1 or can_fit:
-            return matches[0] if len(matches) == 1 else None
+            return (matches[0] if len(matches) == 1 else None), ""
+        if matches and z is not None:
+            return likelier_family(z, matches)
         names = ", ".join(f.name for f in matches) or "none"
         raise InputError(input_name, f"'auto' cannot choose for {channels} channels (known: {names})",
                          "a family name, or a VAE to fit a map")
@@ -137,7 +160,7 @@ def choose_family(channels: int, family: str, can_fit: bool, input_name: str = "
         names = ", ".join(f.name for f in matches) or "no known family"
         raise InputError(input_name, f"{fam.name} latents have {fam.channels} channels, this one has {channels}",
                          f"a family with {channels} channels ({names}) or a VAE to fit a map")
-    return fam
+    return fam, ""
 
 
 def latent_preview(z: torch.Tensor, family: str = "auto", codec: Optional[Codec] = None,
@@ -145,8 +168,8 @@ def latent_preview(z: torch.Tensor, family: str = "auto", codec: Optional[Codec]
     """RGB previews of `z [B, C, h, w]`: a family's published map (`family`: a name, "auto" or "fit"),
     or a map fitted from one decode of the first latent by `codec`."""
     check_latent(z)
-    fam = choose_family(z.shape[1], family, codec is not None)
+    fam, note = choose_family(z.shape[1], family, codec is not None, z=z)
     if fam is None and codec is None:
         raise InputError("vae", "a fitted preview map needs a VAE to decode with", "a VAE, or a family name")
     linear = family_preview(fam) if fam is not None else fit_preview(z, codec.need_decoder())
-    return PreviewResult(linear, linear.image(z, scale))
+    return PreviewResult(linear, linear.image(z, scale), note)

@@ -13,7 +13,8 @@ def add_arguments(p) -> None:
     add_latent_source(p)
     p.add_argument("--family", default="auto",
                    help="whose colour factors: sd1, sdxl, sd3, flux, fit (always fit a map with --vae) or auto "
-                        "(default: the only family with this channel count, else a fit with --vae)")
+                        "(default: the only family with this channel count, else a fit with --vae, else the family "
+                        "whose scale fits the latent's spread, named in info.json)")
     p.add_argument("--scale", type=int, default=8, help="pixels per latent cell (default 8)")
     add_output_arguments(p, "info.json, summary.txt and one preview PNG per latent")
 
