@@ -11,6 +11,7 @@ import json
 import pytest
 import torch
 
+from host_checkpoints import node, with_defaults
 from host_prompts import fed_by, save_latent, saved_latent, text_of, use_models, write_thumbnail
 from host_server import api_workflow, id_of, images_of, succeeded
 from vae_fix.compare import compare_vaes
@@ -103,3 +104,20 @@ def test_compare_workflow_sets_the_sd_recipe_against_the_floor_fix(unseen):
         assert report["verdicts"][name]["status"] == "none"
     assert report["images"][0]["b_minus_a"]["psnr_db"] > 0  # the floor fix reconstructs this photo better
     write_thumbnail("Compare two VAEs", images_of(unseen, outputs, fed_by(prompt, "SaveImage", node, 0))[0])
+
+
+def test_latent_nodes_with_defaults_fit_the_8x8_latent_of_a_64px_image(unseen):
+    """#12: the defaults fit any latent size. The reach map's window 3 with 3x3 regions does not fit
+    an 8x8 latent: it shrinks and says so; the RGB preview's 'auto' names the family it took."""
+    save_png(photo("coffee", 64)[0], unseen.input_dir / "coffee64.png")
+    prompt = {"1": with_defaults(unseen, "VAEFixLoadVAE", vae_name=SD), "2": node("LoadImage", image="coffee64.png"),
+              "3": node("VAEEncode", pixels=["2", 0], vae=["1", 0]),
+              "4": with_defaults(unseen, "VAEFixLatentReachMap", vae=["1", 0], latent=["3", 0]),
+              "5": node("PreviewAny", source=["4", 2]),
+              "6": with_defaults(unseen, "VAEFixLatentPreviewRGB", latent=["3", 0]), "7": node("PreviewAny", source=["6", 1])}
+    outputs = succeeded(unseen.run(prompt))
+    reach = json.loads(text_of(outputs, "5"))
+    assert reach["latent_size"] == [8, 8] and reach["fitted_from"] == {"window": 3, "blocks": 3}
+    assert (reach["window"], reach["blocks"]) == (1, 2)
+    preview = json.loads(text_of(outputs, "7"))
+    assert preview["source"] in ("sd1", "sdxl") and preview["chosen"].startswith(f"'auto' chose {preview['source']}")
