@@ -4,10 +4,10 @@
 ComfyUI imports this file as the pack. Outside ComfyUI (tests, tools) it imports without error and
 registers nothing; the engine (`vae_fix`) never needs ComfyUI.
 """
-try:
-    from comfy_api.latest import ComfyExtension
+try:  # a pinned API version, not `latest`: newer hosts keep v0_0_2 while `latest` moves
+    from comfy_api.v0_0_2 import ComfyExtension
 except ModuleNotFoundError as e:  # not inside ComfyUI; any other import problem must surface
-    if e.name not in ("comfy_api", "comfy_api.latest"):
+    if e.name not in ("comfy_api", "comfy_api.v0_0_2"):
         raise
     ComfyExtension = None
 

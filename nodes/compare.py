@@ -1,7 +1,7 @@
 """Compare VAEs: two VAEs on the same images, side by side (anomalies, KL, reach, reconstruction)."""
 from __future__ import annotations
 
-from comfy_api.latest import io, ui
+from comfy_api.v0_0_2 import io, ui
 
 from ..vae_fix import compare, posterior, viz
 from . import host, wire

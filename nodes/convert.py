@@ -2,7 +2,7 @@
 `python -m vae_fix convert` does."""
 from __future__ import annotations
 
-from comfy_api.latest import io, ui
+from comfy_api.v0_0_2 import io, ui
 
 from ..vae_fix.convert import LAYOUTS, convert_vae
 from . import host

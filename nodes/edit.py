@@ -3,7 +3,7 @@ through a mask and on chosen batch items. The input LATENT is never modified; ev
 (noise_mask, batch_index, type, ...) is kept."""
 from __future__ import annotations
 
-from comfy_api.latest import io
+from comfy_api.v0_0_2 import io
 
 from ..vae_fix import edit
 from . import wire

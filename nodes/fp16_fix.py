@@ -2,7 +2,7 @@
 outputs unchanged, proven on the probes; optionally saved to models/vae (engine: `vae_fix.fp16_fix`)."""
 from __future__ import annotations
 
-from comfy_api.latest import io, ui
+from comfy_api.v0_0_2 import io, ui
 
 from ..vae_fix import loader
 from ..vae_fix.builders.planted import demo_image

@@ -2,7 +2,7 @@
 but the VAE (engine: `vae_fix.inspect.inspect_vae` with no images, `vae_fix.probes`)."""
 from __future__ import annotations
 
-from comfy_api.latest import io, ui
+from comfy_api.v0_0_2 import io, ui
 
 from ..vae_fix.inspect import inspect_vae
 from . import host, wire

@@ -3,7 +3,7 @@ boxed on the image, per-channel maps, the schema-1 report and its summary (engin
 """
 from __future__ import annotations
 
-from comfy_api.latest import io, ui
+from comfy_api.v0_0_2 import io, ui
 
 from ..vae_fix import anomaly, posterior, viz
 from ..vae_fix.inspect import inspect_vae

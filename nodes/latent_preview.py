@@ -1,7 +1,7 @@
 """Latent Preview (RGB): a latent shown as colours without decoding, for any family or VAE."""
 from __future__ import annotations
 
-from comfy_api.latest import io, ui
+from comfy_api.v0_0_2 import io, ui
 
 from ..vae_fix.families import FAMILIES
 from ..vae_fix.latent_preview import latent_preview

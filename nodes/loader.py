@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from comfy_api.latest import io
+from comfy_api.v0_0_2 import io
 
 from ..vae_fix import loader
 from . import host

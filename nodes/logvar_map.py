@@ -3,7 +3,7 @@ the host loaded, for any channel choice (engine: `vae_fix.logvar_map`).
 """
 from __future__ import annotations
 
-from comfy_api.latest import io, ui
+from comfy_api.v0_0_2 import io, ui
 
 from ..vae_fix import posterior, viz
 from ..vae_fix.logvar_map import RANGE_MODES, logvar_map

@@ -7,7 +7,7 @@ decode per cell. Units: change in 0..1 image units; near field = `window` cells 
 """
 from __future__ import annotations
 
-from comfy_api.latest import io, ui
+from comfy_api.v0_0_2 import io, ui
 
 from ..vae_fix import reach, viz
 from . import host, wire

@@ -1,7 +1,7 @@
 """Repair Latent: neutralise anomalous latent cells before decoding, with a before/after report."""
 from __future__ import annotations
 
-from comfy_api.latest import io, ui
+from comfy_api.v0_0_2 import io, ui
 
 from ..vae_fix import anomaly, repair
 from . import host, wire

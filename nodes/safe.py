@@ -3,7 +3,7 @@ give black or NaN images. Whatever comes out non-finite (an fp16 overflow inside
 again by a float32 copy of the VAE; the report says which dtype gave the result."""
 from __future__ import annotations
 
-from comfy_api.latest import io
+from comfy_api.v0_0_2 import io
 
 from ..vae_fix.safe import first_finite
 from . import host, wire

@@ -2,7 +2,7 @@
 families' values, and a histogram picture per channel."""
 from __future__ import annotations
 
-from comfy_api.latest import io, ui
+from comfy_api.v0_0_2 import io, ui
 
 from ..vae_fix import stats
 from . import wire

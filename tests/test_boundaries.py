@@ -12,7 +12,7 @@ HOST_MODULES = {"comfy", "comfy_api", "comfy_extras", "comfy_execution", "folder
                 "execution", "latent_preview", "node_helpers"}
 HOST_ATTRIBUTES = {"first_stage_model", "patcher", "memory_used_encode", "memory_used_decode", "vae_dtype",
                    "spacial_compression_encode", "output_device", "disable_offload", "upscale_ratio", "downscale_ratio"}
-NODE_API = {"comfy_api"}  # node modules declare their schema with comfy_api.latest.io: that is the node API, not internals
+NODE_API = {"comfy_api"}  # node modules declare their schema with comfy_api.v0_0_2.io (a pinned API version): that is the node API, not internals
 
 
 def imported_roots(path) -> set[str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+from urllib.parse import quote
 
 import pytest
 from PIL import Image
@@ -47,10 +48,10 @@ def test_example_workflows_are_templates(host):
     listed = host.get_json("/api/workflow_templates")
     names = sorted(p.stem for p in WORKFLOWS.glob("*.json"))
     assert sorted(listed.get(PACK_FOLDER, [])) == names, listed  # the UI workflows, and nothing else
-    for name in names:
-        ui = json.loads(host.get(f"/api/workflow_templates/{PACK_FOLDER}/{name}.json"))
+    for name in names:  # titles with spaces and commas: the frontend's fetch percent-encodes them
+        ui = json.loads(host.get(f"/api/workflow_templates/{PACK_FOLDER}/{quote(name)}.json"))
         assert ui == json.loads((WORKFLOWS / f"{name}.json").read_text())
-        thumb = Image.open(io.BytesIO(host.get(f"/api/workflow_templates/{PACK_FOLDER}/{name}.jpg")))
+        thumb = Image.open(io.BytesIO(host.get(f"/api/workflow_templates/{PACK_FOLDER}/{quote(name)}.jpg")))
         assert thumb.format == "JPEG" and min(thumb.size) >= 64
 
 
