@@ -236,7 +236,13 @@ def kl_state_dict(vae) -> dict:
     """The CompVis-layout weights of a host KL image VAE (CPU copies): what the engine's strict
     loader validates. InputError naming the kind for any other VAE."""
     _moment_layers(vae)
+    _place(vae)
     return {k: v.detach().to("cpu", copy=True) for k, v in vae.first_stage_model.state_dict().items()}
+
+
+def _place(vae) -> None:
+    """Have the host load the model before its weights are read (newer hosts load them lazily)."""
+    mm.load_models_gpu([vae.patcher], force_full_load=vae.disable_offload)
 
 
 def moments_fn(vae) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -287,6 +293,7 @@ def fp32_twin(vae) -> "comfy.sd.VAE":
     management places, offloads and frees it like any other model."""
     if vae.vae_dtype == torch.float32:
         return vae
+    _place(vae)
     twin = copy.copy(vae)
     twin.first_stage_model = copy.deepcopy(vae.first_stage_model).to(device=vae.patcher.offload_device,
                                                                          dtype=torch.float32)
