@@ -103,3 +103,13 @@ def test_verdict_of_no_reports_and_of_half_the_images():
     without = inspect_vae(smooth.codec, [smooth.image] * 2, check_reach=False).found
     assert verdict(with_hole + without).status == "black_hole"   # 2 of 4: half the images
     assert verdict(with_hole[:1] + without).status == "content"  # 1 of 3
+
+
+def test_the_verdicts_reach_is_measured_on_an_8x_vaes_128px_probes():
+    """An 8x VAE turns the 128 px probes into 16x16 latents, too small for window 3 with 3x3
+    regions: the verdict's reach check fits its grid (window 2) instead of skipping it."""
+    vae = corner_hole_vae(preset_config("sd", small=True, channel_mult=(1, 2, 2, 4)), mean_spike=True)
+    v = inspect_vae(vae.codec).verdict
+    assert v.black_hole and [(c["y"], c["x"]) for c in v.cells] == [(0, 0)]
+    assert "skipped" not in v.reach, v.reach
+    assert (v.reach["window"], v.reach["blocks"]) == (2, 3) and v.reach["reach_ratio"] > 0 and v.reach["rank"] >= 1

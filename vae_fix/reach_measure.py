@@ -242,17 +242,21 @@ def _check_blocks(blocks: int, window: int, h: int, w: int) -> None:
 
 
 def fit_grid(window: int, blocks: int, h: int, w: int) -> tuple[int, int]:
-    """(window, blocks) that fit an `h x w` latent: fewer regions first (down to 2), then a smaller
-    window (down to 0), so that a small latent (8x8 of a 64 px image) gets a map, not a refusal.
+    """(window, blocks) that fit an `h x w` latent, so that a small latent gets a map, not a refusal:
+    a smaller window first (down to 1), then fewer regions (down to 2), then window 0. The 16x16
+    latent of a 128 px image gets window 2 with 3x3 regions, the 8x8 of a 64 px one window 1 with 2x2.
     Values that fit come back unchanged; nonsense (negative, not whole, a window that alone leaves
     no far field) is left for the checks to refuse. With 2 regions, cells whose window touches every
     region have no far field to measure: their value is NaN (listed last, never a top cell)."""
     if (not all(isinstance(v, int) and not isinstance(v, bool) for v in (window, blocks)) or window < 0
             or blocks < 2 or 2 * window + 1 >= max(h, w)):
         return window, blocks
-    while blocks > 2 and min(h, w) < blocks * (2 * window + 1):
+    fits = lambda: min(h, w) >= blocks * (2 * window + 1)  # noqa: E731
+    while window > 1 and not fits():
+        window -= 1
+    while blocks > 2 and not fits():
         blocks -= 1
-    while window > 0 and min(h, w) < blocks * (2 * window + 1):
+    while window > 0 and not fits():
         window -= 1
     return window, blocks
 
