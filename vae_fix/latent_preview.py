@@ -129,11 +129,9 @@ def likelier_family(z: torch.Tensor, matches: list[LatentFamily]) -> tuple[Laten
     0.3611), so the family with the least |log(std(z - shift) * scale)| wins; returns it and why."""
     x = z.detach().float().cpu()
     x = x[torch.isfinite(x)]
-    def misfit(f: LatentFamily) -> float:
-        std = float((x - f.shift).pow(2).mean().sqrt()) if x.numel() else 0.0
-        return abs(math.log(max(std * f.scale, 1e-12)))
-    best = min(matches, key=misfit)
-    std = float((x - best.shift).pow(2).mean().sqrt()) if x.numel() else 0.0
+    spread = {f.name: float((x - f.shift).pow(2).mean().sqrt()) if x.numel() else 0.0 for f in matches}
+    best = min(matches, key=lambda f: abs(math.log(max(spread[f.name] * f.scale, 1e-12))))
+    std = spread[best.name]
     others = ", ".join(f"{f.name} {1 / f.scale:.2f}" for f in matches if f is not best)
     return best, (f"'auto' chose {best.name} of {', '.join(f.name for f in matches)}: the latent's spread "
                   f"{std:.2f} is closest to {best.name}'s {1 / best.scale:.2f} (1 / its scale; {others})")
