@@ -145,7 +145,7 @@ def panels(picture: np.ndarray) -> list[np.ndarray]:
             cuts.append((start, x)); start = None
     merged = []
     for a, b in cuts:  # a colour bar's bar, ticks and labels are narrow pieces of one panel
-        if merged and b - a < picture.shape[0] // 3 and cuts.index((a, b)) and merged[-1][1] >= a - 12:
+        if merged and b - a < picture.shape[0] // 3 and merged[-1][1] >= a - 12:
             merged[-1] = (merged[-1][0], b)
         else:
             merged.append((a, b))
