@@ -21,7 +21,7 @@ from .codec import Codec
 from .errors import InputError
 from .posterior import prepare_images, read_posterior
 from .progress import ProgressFn, Steps
-from .reach import fast_reach_map, summarize_map
+from .reach import fast_reach_map, fitted_from, summarize_map
 from .repair import psnr, side_by_side, to_unit
 from .result import Result
 from .verdict import verdict
@@ -59,11 +59,11 @@ class CompareResult(Result):
 
 
 def _reach(codec: Codec, mean: torch.Tensor, index: int, window: int) -> dict:
-    try:  # a latent too small to have a far field at this window is reported, not fatal
-        fast = fast_reach_map(codec.need_decoder(grad=True), mean, window=window, index=index)
+    try:  # the grid is fitted to small latents; one with no far field at all is reported, not fatal
+        fast = fast_reach_map(codec.need_decoder(grad=True), mean, window=window, index=index, fit=True)
     except InputError as e:
         return {"skipped": str(e)}
-    return summarize_map(fast.reach, 3)
+    return dict(summarize_map(fast.reach, 3), **fitted_from(fast, window))
 
 
 def _one_side(codec: Codec, images: torch.Tensor, size_policy: str, window: int, reach: bool, steps: Steps) -> dict:

@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import report, viz
-from .reach_measure import fast_reach_map, fit_grid
+from .reach_measure import fast_reach_map
 from .anomaly import (DEFAULT_MEAN_THRESHOLD, DEFAULT_MIN_DROP, DEFAULT_THRESHOLD, AnomalyReport,
                       find_pooled, min_map)
 from .codec import Codec
@@ -151,12 +151,11 @@ def measure_reach(codec: Codec, judged: Verdict, posteriors: list[Posterior], fo
     top = judged.cells[0]
     seen = [i for i, rep in enumerate(found) if (top["y"], top["x"]) in rep.marks()]
     i = min(seen, key=lambda j: posteriors[j].latent_size[0] * posteriors[j].latent_size[1])
-    window, blocks = fit_grid(REACH_WINDOW, 3, *posteriors[i].latent_size)  # a 128 px probe's 16x16 latent too
-    try:
-        fast = fast_reach_map(codec.decode_grad, posteriors[i].mean, window=window, blocks=blocks)
+    try:  # fitted: an 8x VAE's 128 px probes give 16x16 latents, too small for window 3 and 3x3 regions
+        fast = fast_reach_map(codec.decode_grad, posteriors[i].mean, window=REACH_WINDOW, fit=True)
     except InputError as e:  # latent too small for any reach regions
         return {"skipped": str(e)}
-    reach, cell = fast.reach, fast.reach[top["y"], top["x"]]
+    reach, cell, window, blocks = fast.reach, fast.reach[top["y"], top["x"]], fast.window, fast.blocks
     if not torch.isfinite(cell):
         return {"skipped": f"cell ({top['y']}, {top['x']}) has no far field with window {window} and "
                            f"{blocks}x{blocks} regions on this {reach.shape[0]}x{reach.shape[1]} latent"}

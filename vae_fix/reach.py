@@ -15,7 +15,7 @@ from .codec import Codec
 from .edit import check_latent
 from .errors import InputError
 from .progress import ProgressFn, Steps
-from .reach_measure import (MODES, CellReach, check_mode, exact_inputs, exact_reach, fast_reach_map, fit_grid,  # noqa: F401
+from .reach_measure import (MODES, CellReach, check_mode, exact_inputs, exact_reach, fast_reach_map, fitted_from,  # noqa: F401
                             measure_cells, near_box, neighbour_median, perturbation, reach_to_map, summarize_map,
                             top_cells)  # the measures too, for the features that use them (repair, compare)
 from .result import Result
@@ -194,15 +194,10 @@ def reach_map(codec: Codec, z: torch.Tensor, *, mode: str = "median", factor: fl
     passes through the codec's decoder (`fast_reach_map`); the `top` strongest cells are boxed and listed."""
     _check_top(top)
     viz.colormap_lut(cmap)  # an unknown colormap is refused before the work, not after
-    asked = {"window": window, "blocks": blocks}
-    if isinstance(z, torch.Tensor) and z.dim() == 4:
-        window, blocks = fit_grid(window, blocks, *z.shape[-2:])
     fast = fast_reach_map(codec.need_decoder(grad=True), z, mode=mode, factor=factor, window=window,
-                          blocks=blocks, index=index, progress=progress)
-    settings = {"mode": mode, "factor": factor if mode == "scale" else None, "window": window, "blocks": blocks,
-                "index": index}
-    if asked != {"window": window, "blocks": blocks}:
-        settings["fitted_from"] = asked  # the result says it shrank what did not fit
+                          blocks=blocks, index=index, fit=True, progress=progress)
+    settings = {"mode": mode, "factor": factor if mode == "scale" else None, "window": fast.window,
+                "blocks": fast.blocks, "index": index, **fitted_from(fast, window, blocks)}  # says what it shrank
     return ReachMapResult(fast.reach, _pixels(fast.image[0]), settings, fast.passes, fast.downscale, top, cmap,
                           values_in_json, dict(codec.info))
 

@@ -218,6 +218,7 @@ class FastReach:
     window: int
     downscale: int
     passes: int                # backward passes run
+    blocks: int = 3            # regions per side used (fewer than asked when `fit` shrank them)
 
 
 def region_edges(n: int, blocks: int) -> list[tuple[int, int]]:
@@ -261,6 +262,11 @@ def fit_grid(window: int, blocks: int, h: int, w: int) -> tuple[int, int]:
     return window, blocks
 
 
+def fitted_from(fast: FastReach, window: int, blocks: int = 3) -> dict:
+    """{"fitted_from": what was asked} when `fast_reach_map(fit=True)` used a smaller grid, else {}."""
+    return {"fitted_from": {"window": window, "blocks": blocks}} if (fast.window, fast.blocks) != (window, blocks) else {}
+
+
 def far_region_means(delta: torch.Tensor, y: int, x: int, window: int, downscale: int,
                      blocks: int, h: int, w: int) -> torch.Tensor:
     """RMS over the far regions of the mean change (over pixels and RGB) of each region.
@@ -275,9 +281,11 @@ def far_region_means(delta: torch.Tensor, y: int, x: int, window: int, downscale
 
 
 def fast_reach_map(decode_fn: DecodeFn, z: torch.Tensor, *, mode: str = "median", factor: float = 2.0,
-                   window: int = 3, blocks: int = 3, index: int = 0,
+                   window: int = 3, blocks: int = 3, index: int = 0, fit: bool = False,
                    progress: Optional[ProgressFn] = None) -> FastReach:
     """First-order far-field change of every cell of latent `index` (see the module notes).
+    `fit`: shrink a window and grid that do not fit this latent (`fit_grid`; the result's `window`
+    and `blocks` say what was used) instead of refusing them.
 
     `decode_fn` must let gradients flow back to `z`. Runs with gradients even inside
     `torch.inference_mode()` (on a clone of the latent); the model's parameters get no gradients.
@@ -286,6 +294,8 @@ def fast_reach_map(decode_fn: DecodeFn, z: torch.Tensor, *, mode: str = "median"
     check_mode(mode, factor)
     z1 = _pick(z, index)
     _, c, h, w = z1.shape
+    if fit:
+        window, blocks = fit_grid(window, blocks, h, w)
     _check_window(window, h, w)
     _check_blocks(blocks, window, h, w)
     rows, cols = region_edges(h, blocks), region_edges(w, blocks)
@@ -309,7 +319,7 @@ def fast_reach_map(decode_fn: DecodeFn, z: torch.Tensor, *, mode: str = "median"
                 counted += far.float()
                 steps.step()
     reach = (energy / counted).sqrt().masked_fill(counted == 0, float("nan"))
-    return FastReach(reach, image.detach(), delta.detach(), window, ds, steps.total)
+    return FastReach(reach, image.detach(), delta.detach(), window, ds, steps.total, blocks)
 
 
 # ---------------------------------------------------------------- summaries

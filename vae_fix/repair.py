@@ -29,7 +29,7 @@ from .anomaly import DEFAULT_MEAN_THRESHOLD, DEFAULT_MIN_MEAN_DEV, MAD_TO_SIGMA,
 from .codec import Codec
 from .edit import check_latent
 from .errors import InputError
-from .reach import exact_reach, fast_reach_map, near_box, neighbour_median, summarize_map
+from .reach import exact_reach, fast_reach_map, fitted_from, near_box, neighbour_median, summarize_map
 from .posterior import read_posterior
 from .progress import ProgressFn, Steps
 from .result import Result
@@ -152,10 +152,10 @@ def _image_change(before: torch.Tensor, after: torch.Tensor, cells, window: int,
 
 def _fast_summary(decode_grad, z, index, window) -> dict:
     try:
-        fast = fast_reach_map(decode_grad, z, window=window, index=index)
-    except InputError as e:  # latent too small for the regions: say so instead of failing the repair
+        fast = fast_reach_map(decode_grad, z, window=window, index=index, fit=True)
+    except InputError as e:  # latent too small for any regions: say so instead of failing the repair
         return {"skipped": str(e)}
-    return summarize_map(fast.reach, 3)
+    return dict(summarize_map(fast.reach, 3), **fitted_from(fast, window))
 
 
 def _ordered_cells(mask: torch.Tensor, scores: Optional[torch.Tensor]) -> list[tuple[int, int]]:
