@@ -19,12 +19,12 @@ import comfy.model_patcher
 import comfy.sd
 import comfy.utils
 import folder_paths
-from comfy.ldm.models.autoencoder import DiagonalGaussianRegularizer
 
 from ..vae_fix.codec import DTYPES, Codec, dtype_name, parse_dtype, with_fp32_retry  # noqa: F401  (DTYPES: re-exported for the nodes)
 from ..vae_fix.demo import shipped_models
 from ..vae_fix.errors import InputError, VAELoadError
 from ..vae_fix.progress import ProgressFn
+from .host_families import FAMILIES, family_id, family_of, posterior_family
 
 VAE_FOLDER = "vae"
 SHIPPED = "vae_fix_trained/"  # the VAEs trained by this project (vae_fix/models), listed beside models/vae
@@ -186,56 +186,40 @@ def to_host_vae(vae_file, dtype: str = "auto", path=None) -> "comfy.sd.VAE":
 
 
 # ---------------------------------------------------------------- raw moments from a host VAE
-
-_KINDS = {
-    "TAESD": "TAESD (tiny autoencoder: no posterior, a deterministic encoder)",
-    "PixelspaceConversionVAE": "pixel-space VAE (no autoencoder at all)",
-    "StageA": "Stable Cascade stage A (VQ-GAN: a codebook, no variance)",
-    "StageC_coder": "Stable Cascade EfficientNet coder (no variance)",
-}
-
+# Which layer holds a family's raw moments is the table in host_families.py; here they are caught.
 
 def vae_kind(vae) -> str:
-    """A readable name for the kind of model inside a `comfy.sd.VAE`."""
+    """A readable name for the family of the model inside a `comfy.sd.VAE`."""
     fsm = getattr(vae, "first_stage_model", None)
     if fsm is None:
         return "empty VAE (no weights were recognised)"
-    name = type(fsm).__name__
-    if name in _KINDS:
-        return _KINDS[name]
-    reg = getattr(fsm, "regularization", None)
-    if isinstance(reg, DiagonalGaussianRegularizer):
-        quant = "with quant_conv" if getattr(fsm, "quant_conv", None) is not None else "without quant_conv"
-        return f"KL autoencoder {name} ({quant}, {vae.latent_channels} latent channels)"
-    return f"{name} ({type(reg).__name__ if reg is not None else 'no regularizer'})"
+    key = family_id(fsm)
+    return FAMILIES[key].name if key else f"{type(fsm).__name__} (a family this pack does not know)"
 
 
 def vae_summary(vae) -> dict:
-    """What ComfyUI made of a VAE: model kind, latent channels, downscale, dtype and devices."""
-    return {"kind": vae_kind(vae), "latent_channels": int(vae.latent_channels),
-            "downscale": downscale(vae), "dtype": str(vae.vae_dtype).replace("torch.", ""),
-            "device": str(vae.device), "offload_device": str(vae.patcher.offload_device)}
-
-
-def _moment_layers(vae):
-    """(encoder, quant_conv or None) of a KL image VAE; InputError naming the VAE kind otherwise."""
+    """What ComfyUI made of a VAE: family, latent channels, downscale, dtype and devices."""
     fsm = getattr(vae, "first_stage_model", None)
-    encoder = getattr(fsm, "encoder", None)
-    conv_out = getattr(encoder, "conv_out", None)
-    quant = getattr(fsm, "quant_conv", None)
-    kl = isinstance(getattr(fsm, "regularization", None), DiagonalGaussianRegularizer)
-    image_vae = getattr(vae, "latent_dim", 2) == 2 and getattr(vae, "output_channels", 3) == 3
-    out = getattr(quant if quant is not None else conv_out, "out_channels", None)
-    if not (kl and image_vae and out == 2 * vae.latent_channels):
-        raise InputError("vae", f"it is a {vae_kind(vae)}, which has no posterior variance to read",
-                         "a KL VAE (SD1.x/2.x, SDXL, SD3, Flux or a retrained KL-F8), e.g. from Load VAE or Load VAE (strict)")
-    return encoder, quant
+    family = FAMILIES.get(family_id(fsm)) if fsm is not None else None
+    if fsm is None:
+        return {"kind": vae_kind(vae)}
+    out = {"kind": vae_kind(vae), "latent_channels": int(vae.latent_channels),
+           "downscale": downscale(vae), "dtype": str(vae.vae_dtype).replace("torch.", ""),
+           "device": str(vae.device), "offload_device": str(vae.patcher.offload_device)}
+    if family is not None and family.video:
+        out["video"] = "latents [B, C, T, h, w]; each image is encoded as a one-frame clip"
+    if family is not None and family.note:
+        out["note"] = family.note
+    return out
 
 
 def kl_state_dict(vae) -> dict:
     """The CompVis-layout weights of a host KL image VAE (CPU copies): what the engine's strict
-    loader validates. InputError naming the kind for any other VAE."""
-    _moment_layers(vae)
+    loader validates. InputError naming the family for any other VAE."""
+    family = family_of(vae.first_stage_model)
+    if family not in (FAMILIES["kl"], FAMILIES["kl_engine"]):
+        raise InputError("vae", f"it is a {family.name}, not a KL image VAE in the CompVis layout",
+                         "a KL VAE (SD1.x/2.x, SDXL, SD3, Flux or a retrained KL-F8)")
     _place(vae)
     return {k: v.detach().to("cpu", copy=True) for k, v in vae.first_stage_model.state_dict().items()}
 
@@ -245,21 +229,45 @@ def _place(vae) -> None:
     mm.load_models_gpu([vae.patcher], force_full_load=vae.disable_offload)
 
 
-def moments_fn(vae) -> Callable[[torch.Tensor], torch.Tensor]:
-    """`x [B, 3, H, W]` in -1..1 → raw moments `[B, 2C, h, w]` float32, run by the host's own encoder.
+def _as_clips(x: torch.Tensor, family) -> torch.Tensor:
+    """Images `[B, C, H, W]` -> one-frame clips `[B, C, 1, H, W]` for a video family."""
+    return x.unsqueeze(2) if family.video else x
 
-    Each call asks the host's model management to place the model (it may offload other models,
-    or load it partially in low-VRAM mode), exactly as core's VAE Encode does.
-    """
-    encoder, quant = _moment_layers(vae)
+
+def _in_latent_space(fsm, family, m: torch.Tensor) -> torch.Tensor:
+    """Moments whose mean is in the host's latent space: LTXV normalises its means per channel
+    ((mean - mu) / sigma), so the log-variance moves by -2 log sigma; other families are as caught."""
+    if family.latent_statistics is None:
+        return m
+    stats = fsm.get_submodule(family.latent_statistics)
+    mean, logvar = m.float().chunk(2, dim=1)
+    sigma = stats.get_buffer("std-of-means").float().to(m.device).view(1, -1, *([1] * (m.dim() - 2)))
+    return torch.cat([stats.normalize(mean), logvar - 2 * torch.log(sigma)], dim=1)
+
+
+def moments_fn(vae) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`x [B, 3, H, W]` in -1..1 → raw moments `[B, 2C, h, w]` float32, caught in the host's own
+    `encode` (a video VAE encodes each image as a one-frame clip). Each call asks the host's model
+    management to place the model, exactly as core's VAE Encode does."""
+    fsm = vae.first_stage_model
+    family = posterior_family(fsm)
+    layer = fsm.get_submodule(family.layer)
 
     def moments(x: torch.Tensor) -> torch.Tensor:
-        memory = vae.memory_used_encode(x.shape, vae.vae_dtype)
+        clips = _as_clips(x, family)
+        memory = vae.memory_used_encode(clips.shape, vae.vae_dtype)
         mm.load_models_gpu([vae.patcher], memory_required=memory, force_full_load=vae.disable_offload)
-        h = encoder(x.to(vae.vae_dtype).to(vae.device))
-        if quant is not None:
-            h = quant(h)
-        return h.to(vae.output_device).float()
+        caught = []
+        if family.take == "input":
+            hook = layer.register_forward_hook(lambda _m, args, _out: caught.append(args[0]))
+        else:
+            hook = layer.register_forward_hook(lambda _m, _args, out: caught.append(out))
+        try:
+            fsm.encode(clips.to(vae.vae_dtype).to(vae.device))
+        finally:
+            hook.remove()
+        m = _in_latent_space(fsm, family, caught[-1])
+        return (m[:, :, 0] if family.video else m).to(vae.output_device).float()  # one frame in, one out
 
     return moments
 
@@ -271,6 +279,7 @@ def downscale(vae) -> int:
 def codec(vae, name: str = "vae", input_name: str = "vae") -> Codec:
     """The engine's view of a host VAE: the host's own encoder and decoder, under its model management.
     What the VAE cannot do (no posterior, no image decoder) is kept as the reason, raised when asked."""
+    family_of(getattr(vae, "first_stage_model", None), input_name)  # an empty or unknown VAE is refused by name
     parts = {}
     try:
         parts["moments"] = moments_fn(vae)
@@ -281,9 +290,11 @@ def codec(vae, name: str = "vae", input_name: str = "vae") -> Codec:
     except InputError as e:
         parts["no_decoder"] = e.problem
     info = {"path": "from ComfyUI", "layout": type(vae.first_stage_model).__name__, **vae_summary(vae)}
-    return with_fp32_retry(Codec(name, int(vae.latent_channels), downscale(vae), torch.device(vae.output_device),
-                                 vae.vae_dtype, info=info, input_name=input_name,
-                                 encode_bytes=lambda shape: int(vae.memory_used_encode(shape, vae.vae_dtype)),
+    family = FAMILIES.get(family_id(vae.first_stage_model)) or FAMILIES["kl"]
+    clip_shape = (lambda shape: (*shape[:2], 1, *shape[2:])) if family.video else tuple
+    return with_fp32_retry(Codec(name, int(vae.latent_channels) // family.channels_per_latent, downscale(vae),
+                                 torch.device(vae.output_device), vae.vae_dtype, info=info, input_name=input_name,
+                                 encode_bytes=lambda shape: int(vae.memory_used_encode(clip_shape(shape), vae.vae_dtype)),
                                  fp32=lambda: codec(fp32_twin(vae), name, input_name), **parts))
 
 
@@ -339,31 +350,31 @@ def show_text(node_id, text: str) -> None:
 # normal mode on the device the host placed them on. The host model is not changed.
 
 DecodeFn = Callable[[torch.Tensor], torch.Tensor]
-_DECODES_TO_MINUS_ONE_ONE = ("AutoencodingEngine", "TAESD")  # KL VAEs (SD1.x..Flux) and TAESD
 GRAD_MEMORY_FACTOR = 3  # a decode that keeps its activations for backward needs about this much more
 _ENCODER_PARTS = ("fsm.encoder.", "fsm.quant_conv.", "fsm.taesd_encoder.")  # not run by decode
 
 
 class _Decode(torch.nn.Module):
-    """The host model's `decode` as a module's forward, so `functional_call` can swap its weights."""
+    """The host model's `decode` as a module's forward, so `functional_call` can swap its weights.
+    Latents `[B, C, h, w]`; a video family decodes each as a one-frame clip and gives its frame."""
 
-    def __init__(self, first_stage_model: torch.nn.Module):
+    def __init__(self, first_stage_model: torch.nn.Module, video: bool):
         super().__init__()
-        self.fsm = first_stage_model
+        self.fsm, self.video = first_stage_model, video
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.fsm.decode(z)
+        return self.fsm.decode(z.unsqueeze(2))[:, :, 0] if self.video else self.fsm.decode(z)
 
 
-def image_decoder(vae) -> torch.nn.Module:
-    """The host model of a VAE that decodes 2-D latents to RGB in -1..1; InputError naming its kind otherwise."""
+def image_decoder(vae):
+    """(host model, family) of a VAE whose decoder gives RGB in -1..1; InputError naming its family otherwise."""
     fsm = getattr(vae, "first_stage_model", None)
-    kinds = {c.__name__ for c in type(fsm).__mro__}
-    image_vae = getattr(vae, "latent_dim", 2) == 2 and getattr(vae, "output_channels", 3) == 3
-    if fsm is None or not image_vae or not kinds & set(_DECODES_TO_MINUS_ONE_ONE) or not hasattr(fsm, "decode"):
-        raise InputError("vae", f"it is a {vae_kind(vae)}, which does not decode image latents here",
-                         "an image VAE: a KL VAE (SD1.x/2.x, SDXL, SD3, Flux, retrained) or TAESD")
-    return fsm
+    family = family_of(fsm)
+    if not family.decodes or getattr(vae, "output_channels", 3) != 3:
+        why = family.note or family.why_not or "its decoder does not give RGB images"
+        raise InputError("vae", f"it is a {family.name}, which does not decode image latents here ({why})",
+                         "an image or video VAE whose decoder gives RGB: KL VAEs, Wan, Hunyuan, Mochi, LTXV, or TAESD")
+    return fsm, family
 
 
 def _normal_copies(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -378,19 +389,20 @@ def decode_fn(vae, differentiable: bool = False) -> DecodeFn:
     """A `decode_fn` running the host's decoder. Each call asks the host's model management to place
     the model (as core's VAE Decode does). With `differentiable=True` gradients flow back to `z`
     (call it inside `torch.inference_mode(False)` and `torch.enable_grad()`, as the engine does)."""
-    fsm = image_decoder(vae)
-    wrapper = _Decode(fsm)
+    fsm, family = image_decoder(vae)
+    wrapper = _Decode(fsm, family.video)
 
     def decode(z: torch.Tensor) -> torch.Tensor:
         grads = differentiable and torch.is_grad_enabled()
-        memory = vae.memory_used_decode(z.shape, vae.vae_dtype) * (GRAD_MEMORY_FACTOR if grads else 1)
+        shape = _as_clips(z, family).shape
+        memory = vae.memory_used_decode(shape, vae.vae_dtype) * (GRAD_MEMORY_FACTOR if grads else 1)
         mm.load_models_gpu([vae.patcher], memory_required=memory, force_full_load=vae.disable_offload)
         x = z.to(vae.device).to(vae.vae_dtype)
         if grads:
             out = torch.func.functional_call(wrapper, _normal_copies(wrapper), (x,))
         else:
             with torch.no_grad():
-                out = fsm.decode(x)
+                out = wrapper(x)
         return out.to(vae.output_device).float()
 
     return decode

@@ -25,7 +25,8 @@ from .errors import InputError
 ENCODE_ACTIVATIONS = 6  # measured: 5 (full SD encoder at 1024 px, 2.5 GiB peak); 6 leaves a margin
 MomentsFn = Callable[[torch.Tensor], torch.Tensor]
 DecodeFn = Callable[[torch.Tensor], torch.Tensor]
-KL_EXPECTED = "a KL VAE (SD1.x/2.x, SDXL, SD3, Flux or a retrained KL-F8)"
+KL_EXPECTED = ("a VAE with a Gaussian posterior (SD1.x/2.x, SDXL, SD3, Flux, a retrained KL-F8, Wan, Qwen-Image, "
+               "HunyuanVideo, Hunyuan Image, Mochi or LTXV)")
 
 
 @dataclass(frozen=True)
