@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import os
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -245,31 +245,53 @@ def _in_latent_space(fsm, family, m: torch.Tensor) -> torch.Tensor:
     return torch.cat([stats.normalize(mean), logvar - 2 * torch.log(sigma)], dim=1)
 
 
+def _encode_caught(vae, family, layer, clips: torch.Tensor) -> torch.Tensor:
+    """The raw moments passing `layer` while the host's own `encode` runs on `clips` (placed by the
+    host's model management first, as core's VAE Encode does), in the host's latent space."""
+    fsm = vae.first_stage_model
+    mm.load_models_gpu([vae.patcher], memory_required=vae.memory_used_encode(clips.shape, vae.vae_dtype),
+                       force_full_load=vae.disable_offload)
+    caught = []
+    if family.take == "input":
+        hook = layer.register_forward_hook(lambda _m, args, _out: caught.append(args[0]))
+    else:
+        hook = layer.register_forward_hook(lambda _m, _args, out: caught.append(out))
+    try:
+        fsm.encode(clips.to(vae.vae_dtype).to(vae.device))
+    finally:
+        hook.remove()
+    return _in_latent_space(fsm, family, caught[-1]).to(vae.output_device).float()
+
+
 def moments_fn(vae) -> Callable[[torch.Tensor], torch.Tensor]:
     """`x [B, 3, H, W]` in -1..1 → raw moments `[B, 2C, h, w]` float32, caught in the host's own
-    `encode` (a video VAE encodes each image as a one-frame clip). Each call asks the host's model
-    management to place the model, exactly as core's VAE Encode does."""
-    fsm = vae.first_stage_model
-    family = posterior_family(fsm)
-    layer = fsm.get_submodule(family.layer)
+    `encode`; a video VAE encodes each image as a one-frame clip."""
+    family = posterior_family(vae.first_stage_model)
+    layer = vae.first_stage_model.get_submodule(family.layer)
 
     def moments(x: torch.Tensor) -> torch.Tensor:
-        clips = _as_clips(x, family)
-        memory = vae.memory_used_encode(clips.shape, vae.vae_dtype)
-        mm.load_models_gpu([vae.patcher], memory_required=memory, force_full_load=vae.disable_offload)
-        caught = []
-        if family.take == "input":
-            hook = layer.register_forward_hook(lambda _m, args, _out: caught.append(args[0]))
-        else:
-            hook = layer.register_forward_hook(lambda _m, _args, out: caught.append(out))
-        try:
-            fsm.encode(clips.to(vae.vae_dtype).to(vae.device))
-        finally:
-            hook.remove()
-        m = _in_latent_space(fsm, family, caught[-1])
-        return (m[:, :, 0] if family.video else m).to(vae.output_device).float()  # one frame in, one out
+        m = _encode_caught(vae, family, layer, _as_clips(x, family))
+        return m[:, :, 0] if family.video else m  # one frame in, one latent frame out
 
     return moments
+
+
+def clip_moments_fn(vae) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+    """Frames `[N, 3, H, W]` in -1..1 of one clip → its latent frames' raw moments `[T, 2C, h, w]`
+    (as core's VAE Encode takes an image batch for a video VAE); None for families without clips."""
+    family = posterior_family(vae.first_stage_model)
+    if family.frame_step is None:
+        return None
+    layer = vae.first_stage_model.get_submodule(family.layer)
+
+    def clip_moments(x: torch.Tensor) -> torch.Tensor:
+        first, per = family.frame_step
+        if family.whole_steps and (x.shape[0] - first) % per:
+            raise InputError("image", f"{x.shape[0]} frames: {family.name} encodes {first} + {per}k frames",
+                             f"a batch of {first} + {per}k images ({first}, {first + per}, {first + 2 * per}, ...)")
+        return _encode_caught(vae, family, layer, x.movedim(0, 1).unsqueeze(0))[0].movedim(1, 0)
+
+    return clip_moments
 
 
 def downscale(vae) -> int:
@@ -282,7 +304,7 @@ def codec(vae, name: str = "vae", input_name: str = "vae") -> Codec:
     family_of(getattr(vae, "first_stage_model", None), input_name)  # an empty or unknown VAE is refused by name
     parts = {}
     try:
-        parts["moments"] = moments_fn(vae)
+        parts["moments"], parts["clip_moments"] = moments_fn(vae), clip_moments_fn(vae)
     except InputError as e:
         parts["no_moments"] = e.problem
     try:
@@ -293,6 +315,7 @@ def codec(vae, name: str = "vae", input_name: str = "vae") -> Codec:
     family = FAMILIES.get(family_id(vae.first_stage_model)) or FAMILIES["kl"]
     clip_shape = (lambda shape: (*shape[:2], 1, *shape[2:])) if family.video else tuple
     return with_fp32_retry(Codec(name, int(vae.latent_channels) // family.channels_per_latent, downscale(vae),
+                                 frame_step=family.frame_step,
                                  torch.device(vae.output_device), vae.vae_dtype, info=info, input_name=input_name,
                                  encode_bytes=lambda shape: int(vae.memory_used_encode(clip_shape(shape), vae.vae_dtype)),
                                  fp32=lambda: codec(fp32_twin(vae), name, input_name), **parts))

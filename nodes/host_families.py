@@ -28,6 +28,8 @@ class Family:
     channels_per_latent: int = 1   # the host's latent packs this many posterior frames (the refiner: 2)
     decodes: bool = True           # its decoder gives RGB in -1..1 from the posterior's mean
     latent_statistics: Optional[str] = None  # a module whose normalize() maps means into the host's latent space
+    frame_step: Optional[tuple] = None  # a clip: input frames in latent frame 0, then in each later one
+    whole_steps: bool = False      # the host refuses clips that are not first + k * per frames (LTXV)
     note: str = ""                 # said in every report on this VAE
     why_not: str = ""              # families without a posterior: what they are instead
 
@@ -39,21 +41,22 @@ FAMILIES = {
     "svd": Family("SVD (KL-F8 encoder, temporal decoder)", _REGULARIZER, "input", decodes=False,
                   note="SVD's decoder is temporal: only its encoder's posterior is read here"),
     "hunyuan_image": Family("Hunyuan Image 2.1 (64 channels, 32x)", _REGULARIZER, "input"),
-    "hunyuan_video": Family("HunyuanVideo 1.0 (3-D KL)", _REGULARIZER, "input", video=True),
+    "hunyuan_video": Family("HunyuanVideo 1.0 (3-D KL)", _REGULARIZER, "input", video=True, frame_step=(1, 4)),
     "hunyuan_video15": Family("HunyuanVideo 1.5-style (32 channels, 16x)", _REGULARIZER, "input", video=True),
     "hunyuan_image_refiner": Family(
         "Hunyuan Image 2.1 refiner (32 channels, two frames packed to 64)", "encoder.regul", "input", video=True,
         channels_per_latent=2, decodes=False,
         note="the refiner packs two posterior frames into one 64-channel latent: its 32-channel posterior is read, "
              "and its decoder (which takes the packed latent) is not used here"),
-    "wan21": Family("Wan 2.1 / Qwen-Image (16 channels)", "conv1", video=True),
-    "wan22": Family("Wan 2.2 (48 channels, 16x)", "conv1", video=True),
-    "mochi": Family("Mochi (12 channels)", "encoder.output_proj", video=True,
+    "wan21": Family("Wan 2.1 / Qwen-Image (16 channels)", "conv1", video=True, frame_step=(1, 4)),
+    "wan22": Family("Wan 2.2 (48 channels, 16x)", "conv1", video=True, frame_step=(1, 4)),
+    "mochi": Family("Mochi (12 channels)", "encoder.output_proj", video=True, frame_step=(1, 6),
                     note="Mochi's log-variance is not clamped by the host (no -30..20 range)"),
     "ltxv": Family("LTXV (128 channels, 32x)", "encoder", video=True, latent_statistics="per_channel_statistics",
+                   frame_step=(1, 8), whole_steps=True,
                    note="LTXV's encoder outputs one log-variance channel, broadcast to all 128 (its 'uniform' "
-                        "log-variance): every channel shows the same log-variance; means and log-variance are "
-                        "given in its normalised latent space, as its encode gives latents"),
+                        "log-variance): before its per-channel normalisation every channel has the same log-variance; "
+                        "means and log-variance are given in the normalised latent space its encode gives"),
     "taesd": Family("TAESD (tiny autoencoder)", why_not="a deterministic encoder"),
     "cosmos": Family("Cosmos video tokenizer", why_not="an identity distribution (a deterministic encoder)", decodes=False),
     "stage_a": Family("Stable Cascade stage A", why_not="a VQ codebook, no variance", decodes=False),

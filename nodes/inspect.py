@@ -11,6 +11,11 @@ from . import host, wire
 
 SIZE_POLICY_TIP = ("What to do when the image size is not a multiple of the VAE's downscale (8 for SD): "
                    "'crop' keeps the centre (as core's VAE Encode does), 'pad' repeats the edge so every pixel is seen.")
+CLIP = "one clip (video VAEs)"
+FRAMES = {CLIP: True, "each image alone": False}
+FRAMES_TIP = ("For a video VAE (Wan, HunyuanVideo, Mochi, LTXV): the image batch is the frames of one clip, as core's "
+              "VAE Encode takes it, and each latent frame is judged (the report says which input frames it covers); "
+              "or each image is encoded alone as a one-frame clip. Image VAEs always take each image alone.")
 COLORMAP_TIP = "Colour scale: viridis/magma/inferno are perceptually uniform (dark = low); gray for plain intensity."
 
 
@@ -38,6 +43,7 @@ class InspectVAE(io.ComfyNode):
                                        "smooth VAEs stay under 2 nats on any content."),
                 io.Combo.Input("colormap", options=list(viz.CMAPS), default="magma", tooltip=COLORMAP_TIP),
                 io.Combo.Input("size_policy", options=list(posterior.SIZE_POLICIES), default="crop", tooltip=SIZE_POLICY_TIP),
+                io.Combo.Input("frames", options=list(FRAMES), default=CLIP, optional=True, tooltip=FRAMES_TIP),
             ],
             outputs=[
                 io.Image.Output("overlay", display_name="overlay",
@@ -58,9 +64,11 @@ class InspectVAE(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, vae, image, threshold, min_drop, colormap, size_policy) -> io.NodeOutput:
-        result = inspect_vae(host.codec(vae), wire.image_to_engine(image), threshold=threshold, min_drop=min_drop,
-                             cmap=colormap, size_policy=size_policy, progress=host.progress_fn())
+    def execute(cls, vae, image, threshold, min_drop, colormap, size_policy, frames=CLIP) -> io.NodeOutput:
+        codec = host.codec(vae)
+        result = inspect_vae(codec, wire.image_to_engine(image), threshold=threshold, min_drop=min_drop,
+                             cmap=colormap, size_policy=size_policy, progress=host.progress_fn(),
+                             as_clip=FRAMES[frames] and codec.clip_moments is not None)
         overlay = wire.images_to_batch(result.each("overlay"))
         return io.NodeOutput(overlay, wire.images_to_batch(result.each("logvar_grid")), result.json_text(),
                              result.summary(), result.verdict.line(), ui=ui.PreviewImage(overlay, cls=cls))

@@ -7,7 +7,9 @@ engine guesses a device, a dtype or a downscale from a callable: the codec says.
 Callables (all float32 results, on the codec's `device`):
 - `moments(x [B, 3, H, W] in -1..1) -> [B, 2C, h, w]`: mean then raw (unclamped) log-variance;
 - `decode(z [B, C, h, w]) -> [B, 3, H, W]` in -1..1, no gradients;
-- `decode_grad(z)`: the same with gradients flowing back to `z` (for the fast reach map).
+- `decode_grad(z)`: the same with gradients flowing back to `z` (for the fast reach map);
+- `clip_moments(frames [N, 3, H, W]) -> [T, 2C, h, w]`: a video VAE's latent frames of one clip
+  (`frame_step` says how many input frames each covers); `moments` is then its one-frame-clip encode.
 A VAE without a posterior (TAESD, pixel space) or without an image decoder has `None` there and
 says why in `no_moments` / `no_decoder`; `need_moments()` / `need_decoder()` raise that reason.
 """
@@ -46,6 +48,8 @@ class Codec:
     fp32: Optional[Callable[[], "Codec"]] = None  # the same VAE computing in float32 (half-precision codecs)
     retries: list = field(default_factory=list)   # one record per call redone in float32, in order
     encode_bytes: Optional[Callable[[tuple], int]] = None  # memory an encode of [B, 3, H, W] needs (estimate)
+    clip_moments: Optional[MomentsFn] = None  # a video VAE: frames [N, 3, H, W] of one clip -> [T, 2C, h, w]
+    frame_step: Optional[tuple] = None        # (input frames in latent frame 0, in each later one): Wan (1, 4)
 
     def need_moments(self) -> MomentsFn:
         if self.moments is None:

@@ -18,6 +18,7 @@ import torch
 
 from . import report, viz
 from .reach_measure import fast_reach_map
+from .clips import dropped_frames, read_clip
 from .anomaly import (DEFAULT_MEAN_THRESHOLD, DEFAULT_MIN_DROP, DEFAULT_THRESHOLD, AnomalyReport,
                       find_pooled, min_map)
 from .codec import Codec
@@ -114,32 +115,43 @@ class InspectResult(Result):
 def inspect_vae(codec: Codec, images=None, *, names: Optional[Sequence] = None, threshold: float = DEFAULT_THRESHOLD,
                 min_drop: float = DEFAULT_MIN_DROP, mean_threshold: float = DEFAULT_MEAN_THRESHOLD,
                 size_policy: str = "crop", cmap: str = "magma", value_range: str = "percentile",
-                tile: Optional[int] = None, check_reach: bool = True,
+                tile: Optional[int] = None, check_reach: bool = True, as_clip: bool = False,
                 progress: Optional[ProgressFn] = None) -> InspectResult:
     """Inspect every image: `images` is a list of `[1, 3, H, W]` (sizes may differ) or one
     `[B, 3, H, W]` batch, 0..1; None runs the built-in probe set (`probes`). Each image is encoded
     on its own (one progress step each, which may cancel). `names` (paths) name the images in the
-    report and the CLI's file names. `check_reach`: measure the verdict's first cell's reach."""
+    report and the CLI's file names. `check_reach`: measure the verdict's first cell's reach.
+    `as_clip`: the images are the frames of one clip for a video VAE (`clips.read_clip`): each latent
+    frame is judged as an image is, named by the input frames it covers."""
     if images is None:
         images, names = probe_images()
     batch = _one_by_one(images)
     names = [None if n is None else str(n) for n in names] if names is not None else [None] * len(batch)
     _check_options(cmap, value_range, len(names), len(batch))
     steps = Steps(progress, len(batch) + 1)
-    encoded, posteriors = [], []
-    for x in batch:
-        posteriors.append(read_posterior(codec, x, size_policy=size_policy, tile=tile, progress=steps.sub(1)))
-        encoded.append(prepare_images(x, codec.downscale, size_policy)[0][0])
-        steps.step()
+    clip = None
+    if as_clip:
+        posteriors, frames, encoded = read_clip(codec, torch.cat(batch), size_policy)
+        clip = {"frames": len(batch), "latent_frames": [f.to_dict() for f in frames],
+                "not_encoded": dropped_frames(len(batch), frames), "frame_step": list(codec.frame_step or (1, 1))}
+        names = [f.name() for f in frames]
+        steps.step(len(batch))
+    else:
+        encoded, posteriors = [], []
+        for x in batch:
+            posteriors.append(read_posterior(codec, x, size_policy=size_policy, tile=tile, progress=steps.sub(1)))
+            encoded.append(prepare_images(x, codec.downscale, size_policy)[0][0])
+            steps.step()
     found = find_pooled(posteriors, threshold=threshold, min_drop=min_drop, mean_threshold=mean_threshold)
     judged = verdict(found, [n if n is not None else f"image {i}" for i, n in enumerate(names)])
-    if check_reach and judged.cells:
-        judged.reach = measure_reach(codec, judged, posteriors, found)
+    if check_reach and judged.cells:  # in a clip only latent frame 0 decodes alone as it was encoded
+        judged.reach = measure_reach(codec, judged, posteriors[:1] if clip else posteriors, found[:1] if clip else found)
     steps.step()
-    settings = {"size_policy": size_policy, "cmap": cmap, "value_range": value_range, "tile": tile,
+    settings = {"clip": clip} if clip else {}
+    settings.update({"size_policy": size_policy, "cmap": cmap, "value_range": value_range, "tile": tile,
                 "device": str(codec.device), "dtype": str(codec.dtype).replace("torch.", ""),
                 "threshold": threshold, "min_drop": min_drop, "mean_threshold": mean_threshold,
-                "probes": names[0] is not None and str(names[0]).startswith("probe:")}
+                "probes": names[0] is not None and str(names[0]).startswith("probe:")})
     return InspectResult(dict(codec.info), settings, names, encoded, posteriors, found, judged)
 
 
@@ -150,6 +162,9 @@ def measure_reach(codec: Codec, judged: Verdict, posteriors: list[Posterior], fo
         return {"skipped": codec.no_decoder or "the VAE has no differentiable decoder"}
     top = judged.cells[0]
     seen = [i for i, rep in enumerate(found) if (top["y"], top["x"]) in rep.marks()]
+    if not seen:
+        return {"skipped": f"cell ({top['y']}, {top['x']}) did not collapse in the first latent frame of the clip, "
+                           "the only one decoded alone as it was encoded"}
     i = min(seen, key=lambda j: posteriors[j].latent_size[0] * posteriors[j].latent_size[1])
     try:  # fitted: an 8x VAE's 128 px probes give 16x16 latents, too small for window 3 and 3x3 regions
         fast = fast_reach_map(codec.decode_grad, posteriors[i].mean, window=REACH_WINDOW, fit=True)
