@@ -315,8 +315,8 @@ def codec(vae, name: str = "vae", input_name: str = "vae") -> Codec:
     family = FAMILIES.get(family_id(vae.first_stage_model)) or FAMILIES["kl"]
     clip_shape = (lambda shape: (*shape[:2], 1, *shape[2:])) if family.video else tuple
     return with_fp32_retry(Codec(name, int(vae.latent_channels) // family.channels_per_latent, downscale(vae),
-                                 frame_step=family.frame_step,
                                  torch.device(vae.output_device), vae.vae_dtype, info=info, input_name=input_name,
+                                 frame_step=family.frame_step,
                                  encode_bytes=lambda shape: int(vae.memory_used_encode(clip_shape(shape), vae.vae_dtype)),
                                  fp32=lambda: codec(fp32_twin(vae), name, input_name), **parts))
 
