@@ -12,6 +12,7 @@ from .inspect import COLORMAP_TIP, SIZE_POLICY_TIP
 
 # the node's combo labels → the engine's values
 SHOW = {"lowest over channels": "min", "mean over channels": "mean", "every channel (grid)": "grid", "one channel": "one"}
+CLIP = {"every latent frame": "every", "lowest over time": "lowest", "first latent frame": "0", "each image alone": None}
 VALUES = {"log-variance (raw)": "raw", "log-variance (clamped to -30..20)": "clamped", "KL per cell (nats)": "kl"}
 
 
@@ -48,6 +49,11 @@ class LogVarianceMap(io.ComfyNode):
                                tooltip="Top of the colour scale: a percentile (0..100) or a value, per 'range_mode'."),
                 io.Boolean.Input("colorbar", default=True, tooltip="Add a labelled colour bar on the right."),
                 io.Combo.Input("size_policy", options=list(posterior.SIZE_POLICIES), default="crop", tooltip=SIZE_POLICY_TIP),
+                io.Combo.Input("frames", options=list(CLIP), default="every latent frame", optional=True,
+                               tooltip="For a video VAE (Wan, HunyuanVideo, Mochi, LTXV) the image batch is one clip, as "
+                                       "core's VAE Encode takes it: a map per latent frame, the lowest log-variance over "
+                                       "time, or only the first latent frame; or each image alone as a one-frame clip. "
+                                       "Image VAEs always map each image alone."),
             ],
             outputs=[
                 io.Image.Output("map", display_name="map",
@@ -59,10 +65,13 @@ class LogVarianceMap(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, vae, image, value, show, channel, colormap, range_mode, low, high, colorbar, size_policy) -> io.NodeOutput:
-        result = logvar_map(host.codec(vae), wire.image_to_engine(image), value=VALUES[value], show=SHOW[show],
+    def execute(cls, vae, image, value, show, channel, colormap, range_mode, low, high, colorbar, size_policy,
+                frames="every latent frame") -> io.NodeOutput:
+        codec = host.codec(vae)
+        result = logvar_map(codec, wire.image_to_engine(image), value=VALUES[value], show=SHOW[show],
                             channel=channel, cmap=colormap, range_mode=range_mode, low=low, high=high,
-                            colorbar=colorbar, size_policy=size_policy, progress=host.progress_fn())
+                            colorbar=colorbar, size_policy=size_policy, progress=host.progress_fn(),
+                            clip=CLIP[frames] if codec.clip_moments is not None else None)
         out = wire.images_to_batch(result.maps)
         return io.NodeOutput(out, result.json_text(), ui=ui.PreviewImage(out, cls=cls))
 

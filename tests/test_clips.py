@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vae_fix.clips import dropped_frames, frame_ranges, read_clip
+from vae_fix.clips import dropped_frames, frame_ranges, per_frame, read_clip
 from vae_fix.codec import Codec
 from vae_fix.errors import InputError
 from vae_fix.inspect import inspect_vae
@@ -55,8 +55,9 @@ def test_frame_ranges_follow_the_causal_rule():
 
 def test_read_clip_gives_one_posterior_per_latent_frame():
     codec, frames = causal_video_codec(), clip_frames(9)
-    posteriors, ranges, shown = read_clip(codec, frames)
-    assert len(posteriors) == 3 and all(p.batch == 1 and p.latent_size == (8, 8) for p in posteriors)
+    whole, ranges, shown = read_clip(codec, frames)
+    posteriors = per_frame(whole)
+    assert whole.batch == 3 and len(posteriors) == 3 and all(p.batch == 1 and p.latent_size == (8, 8) for p in posteriors)
     expected = F.avg_pool2d(frames[1:5].mean(0, keepdim=True) * 2 - 1, 8)  # the codec takes -1..1
     assert torch.allclose(posteriors[1].mean[:, :3], expected, atol=1e-6)  # latent frame 1 is input frames 1-4
     assert torch.equal(shown[2], frames[8])  # each latent frame is shown on the last frame it covers
@@ -87,3 +88,20 @@ def test_an_image_vae_refuses_a_clip_by_name():
     image_codec = Codec("image vae", 4, 8, codec.device, codec.dtype, moments=codec.moments, input_name="--vae")
     with pytest.raises(InputError, match="--vae.*not a video VAE"):
         inspect_vae(image_codec, clip_frames(5), as_clip=True)
+
+
+@pytest.mark.parametrize("clip,maps,frames", [("every", 3, [[0], [1], [2]]), ("lowest", 1, [[0, 1, 2]]), ("1", 1, [[1]])])
+def test_log_variance_maps_of_a_clip_per_frame_over_time_or_one_frame(clip, maps, frames):
+    from vae_fix.logvar_map import logvar_map
+    result = logvar_map(causal_video_codec(), clip_frames(9), clip=clip)
+    stats = result.to_json()
+    assert len(result.maps) == len(stats["images"]) == maps and stats["clip"]["maps_of_latent_frames"] == frames
+    assert all(e["collapsed_cells"] == [list(HOLE)] for e in stats["images"])
+    assert all(e["min"] == -25.0 for e in stats["images"])  # the hole is the lowest value of every map
+    assert stats["clip"]["latent_frames"][2] == {"latent_frame": 2, "input_frames": [5, 8]}
+
+
+def test_a_frame_outside_the_clip_is_refused_by_name():
+    from vae_fix.logvar_map import logvar_map
+    with pytest.raises(InputError, match="frame.*'3' for a clip of 2 latent frame"):
+        logvar_map(causal_video_codec(), clip_frames(5), clip="3")

@@ -47,8 +47,8 @@ def dropped_frames(n_frames: int, frames: list[LatentFrame]) -> list[int]:
 
 
 def read_clip(codec: Codec, frames: torch.Tensor, size_policy: str = "crop"):
-    """`frames [N, 3, H, W]` (0..1) encoded as one clip → (posteriors, one per latent frame (batch of
-    one), their `LatentFrame`s, the image shown under each latent frame's overlay: its last input frame)."""
+    """`frames [N, 3, H, W]` (0..1) encoded as one clip → (its posterior, whose batch is the latent
+    frames, their `LatentFrame`s, the image shown under each latent frame: its last input frame)."""
     if codec.clip_moments is None:
         raise InputError(codec.input_name, "it is not a video VAE, so a batch of images is not a clip",
                          "a video VAE (Wan, HunyuanVideo 1.0, Mochi, LTXV), or each image inspected on its own")
@@ -60,13 +60,21 @@ def read_clip(codec: Codec, frames: torch.Tensor, size_policy: str = "crop"):
         raise InputError("clip moments", f"got {tuple(m.shape)} for {x.shape[0]} frames {tuple(x.shape[2:])}",
                          f"[T, 2C, {want[0]}, {want[1]}] (latent frames, mean then log-variance)")
     ranges = frame_ranges(x.shape[0], codec.frame_step or (1, 1), m.shape[0])
-    whole = posterior_from_moments(m, size)
-    posteriors = [_frame_of(whole, t) for t in range(m.shape[0])]
-    shown = [x[r.last] for r in ranges]
-    return posteriors, ranges, shown
+    return posterior_from_moments(m, size), ranges, [x[r.last] for r in ranges]
 
 
-def _frame_of(post: Posterior, t: int) -> Posterior:
+def clip_summary(n_frames: int, frames: list[LatentFrame], step) -> dict:
+    """The report's `clip` entry: input frames, what each latent frame covers, what was not encoded."""
+    return {"frames": n_frames, "latent_frames": [f.to_dict() for f in frames],
+            "not_encoded": dropped_frames(n_frames, frames), "frame_step": list(step or (1, 1))}
+
+
+def per_frame(post: Posterior) -> list[Posterior]:
+    """A posterior whose batch is latent frames → one posterior of batch one per latent frame."""
+    return [frame_of(post, t) for t in range(post.batch)]
+
+
+def frame_of(post: Posterior, t: int) -> Posterior:
     """Latent frame `t` of a posterior whose batch is latent frames, as a posterior of batch one."""
     pick = slice(t, t + 1)
     return replace(post, mean=post.mean[pick], logvar_raw=post.logvar_raw[pick], logvar=post.logvar[pick],

@@ -18,7 +18,7 @@ import torch
 
 from . import report, viz
 from .reach_measure import fast_reach_map
-from .clips import dropped_frames, read_clip
+from .clips import clip_summary, per_frame, read_clip
 from .anomaly import (DEFAULT_MEAN_THRESHOLD, DEFAULT_MIN_DROP, DEFAULT_THRESHOLD, AnomalyReport,
                       find_pooled, min_map)
 from .codec import Codec
@@ -131,9 +131,8 @@ def inspect_vae(codec: Codec, images=None, *, names: Optional[Sequence] = None, 
     steps = Steps(progress, len(batch) + 1)
     clip = None
     if as_clip:
-        posteriors, frames, encoded = read_clip(codec, torch.cat(batch), size_policy)
-        clip = {"frames": len(batch), "latent_frames": [f.to_dict() for f in frames],
-                "not_encoded": dropped_frames(len(batch), frames), "frame_step": list(codec.frame_step or (1, 1))}
+        whole, frames, encoded = read_clip(codec, torch.cat(batch), size_policy)
+        posteriors, clip = per_frame(whole), clip_summary(len(batch), frames, codec.frame_step)
         names = [f.name() for f in frames]
         steps.step(len(batch))
     else:

@@ -13,6 +13,7 @@ import torch
 from . import viz
 from .codec import Codec
 from .anomaly import find_pooled
+from .clips import clip_summary, per_frame, read_clip
 from .errors import InputError
 from .posterior import LOGVAR_MIN, Posterior, read_posterior
 from .progress import ProgressFn
@@ -54,24 +55,52 @@ class LogVarMapResult(Result):
 
 def logvar_map(codec: Codec, images: torch.Tensor, *, value: str = "raw", show: str = "min", channel: int = 0,
                cmap: str = "magma", range_mode: str = "percentile", low: float = 1.0, high: float = 99.0,
-               colorbar: bool = True, size_policy: str = "crop",
+               colorbar: bool = True, size_policy: str = "crop", clip: Optional[str] = None,
                progress: Optional[ProgressFn] = None) -> LogVarMapResult:
     """Maps of `images [B, 3, H, W]` (0..1; a list of `[1, 3, H, W]` of one size is stacked),
     encoded one by one (progress and cancel after each). `range_mode` 'percentile': `low`/`high`
-    are percentiles of the whole batch's values; 'fixed': the values at the ends of the scale."""
+    are percentiles of the whole batch's values; 'fixed': the values at the ends of the scale.
+    `clip` (video VAEs): the images are the frames of one clip, mapped per latent frame: 'every'
+    (one map each), 'lowest' (the lowest log-variance over time, or the highest KL) or a frame number."""
     _check_choices(value=(value, VALUES), show=(show, SHOWS), range_mode=(range_mode, RANGE_MODES),
                    cmap=(cmap, viz.CMAPS))
-    post = read_posterior(codec, _as_batch(images), size_policy=size_policy, batch_size=1, progress=progress)
+    frames, kept = None, None
+    if clip is None:
+        post = read_posterior(codec, _as_batch(images), size_policy=size_policy, batch_size=1, progress=progress)
+    else:
+        post, frames, _ = read_clip(codec, _as_batch(images), size_policy)
     maps = reduce_maps(map_values(post, value), show, channel)
+    found = find_pooled(per_frame(post) if frames else [post])
+    marks = [f.marks() for f in found]
+    if frames is not None:
+        maps, marks, kept = over_time(maps, marks, clip, value)
     vmin, vmax = color_range(maps, range_mode, low, high)
-    found = find_pooled([post])
-    pictures = [_draw(m, cmap, vmin, vmax, post.size.downscale, colorbar, LABELS[value], f.marks())
-                for m, f in zip(maps, found)]
-    stats = _stats(post, maps, vmin, vmax, value, show, channel)
-    for entry, f in zip(stats["images"], found):
-        entry["collapsed_cells"] = [list(c) for c in f.marks()[:256]]
+    pictures = [_draw(m, cmap, vmin, vmax, post.size.downscale, colorbar, LABELS[value], mk)
+                for m, mk in zip(maps, marks)]
+    stats = _stats(post, maps, vmin, vmax, value, show, channel, kept)
+    if frames is not None:
+        stats["clip"] = {**clip_summary(len(_as_batch(images)), frames, codec.frame_step), "show": clip,
+                         "maps_of_latent_frames": kept}
+    for entry, mk in zip(stats["images"], marks):
+        entry["collapsed_cells"] = [list(c) for c in mk[:256]]
     stats["verdict"] = verdict(found).line()
     return LogVarMapResult(pictures, stats)
+
+
+def over_time(maps: torch.Tensor, marks: list, clip: str, value: str):
+    """Per-latent-frame maps `[T, ...]` → what `clip` asks: every frame, the lowest over time (the
+    highest for KL, where a collapse raises the value) with every frame's marks, or one frame.
+    Returns (maps, marks per map, the latent frames each map is of)."""
+    t = maps.shape[0]
+    if clip == "every":
+        return maps, marks, [[i] for i in range(t)]
+    if clip == "lowest":
+        joined = maps.amax(dim=0, keepdim=True) if value == "kl" else maps.amin(dim=0, keepdim=True)
+        return joined, [sorted({c for mk in marks for c in mk})], [list(range(t))]
+    if not str(clip).isdigit() or int(clip) >= t:
+        raise InputError("frame", f"{clip!r} for a clip of {t} latent frame(s)", f"'every', 'lowest' or 0..{t - 1}")
+    i = int(clip)
+    return maps[i:i + 1], [marks[i]], [[i]]
 
 
 def map_values(post: Posterior, value: str) -> torch.Tensor:
@@ -132,13 +161,15 @@ def _draw(m: torch.Tensor, cmap: str, vmin: float, vmax: float, cell: int, bar: 
     return viz.with_colorbar(pic, cmap, vmin, vmax, label) if bar else pic
 
 
-def _stats(post: Posterior, maps: torch.Tensor, vmin: float, vmax: float, value: str, show: str, channel: int) -> dict:
+def _stats(post: Posterior, maps: torch.Tensor, vmin: float, vmax: float, value: str, show: str, channel: int,
+           kept: Optional[list] = None) -> dict:
+    """Per map: its values' range, cells under the clamp and KL over the images (latent frames) it shows."""
     per_image = []
-    for i in range(post.batch):
+    for i, frames in enumerate(kept or [[i] for i in range(post.batch)]):
         m = maps[i].float()
-        below = int((post.logvar_raw[i] < LOGVAR_MIN).any(dim=0).sum())
+        below = int((post.logvar_raw[frames] < LOGVAR_MIN).any(dim=1).any(dim=0).sum())
         per_image.append({"min": float(m.min()), "median": float(m.median()), "max": float(m.max()),
-                          "cells_below_clamp": below, "kl_total": float(post.kl_total[i])})
+                          "cells_below_clamp": below, "kl_total": float(post.kl_total[frames].sum())})
     return {"value": value, "show": show, "channel": channel, "range": [vmin, vmax],
             "latent_channels": post.latent_channels, "latent_size": list(post.latent_size), "size": post.size.to_dict(),
             "tiling": post.tiling.to_dict() if post.tiling else None, "notes": list(post.notes), "images": per_image}
