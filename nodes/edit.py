@@ -1,5 +1,5 @@
-"""Latent Channel Edit: one operation on chosen channels of a LATENT, any channel count, optionally
-through a mask and on chosen batch items. The input LATENT is never modified; every other key of it
+"""Latent Channel Edit: one operation on chosen channels of a LATENT (image or video), any channel
+count, optionally through a mask, on chosen batch items and (video) chosen frames. The input LATENT is never modified; every other key of it
 (noise_mask, batch_index, type, ...) is kept."""
 from __future__ import annotations
 
@@ -31,8 +31,9 @@ class LatentChannelEdit(io.ComfyNode):
             category="VAE Fix/latent",
             description=("Edits chosen channels of a latent in raw VAE space: scale, offset, clamp, soft clamp, "
                          "normalise to a mean/std, zero, invert, swap or copy channels. Works with any channel count "
-                         "(SD1.x/SDXL 4, SD3/Flux 16, retrained VAEs), only inside an optional mask and only on the "
-                         "chosen batch items. Put it between a sampler (or VAE Encode) and VAE Decode."),
+                         "(SD1.x/SDXL 4, SD3/Flux 16, Wan 16/48, retrained VAEs), only inside an optional mask and only on "
+                         "the chosen batch items and, for a video latent [B, C, T, h, w], the chosen frames. Put it "
+                         "between a sampler (or VAE Encode) and VAE Decode."),
             inputs=[
                 io.Latent.Input("latent", tooltip="The latent to edit (from a sampler, VAE Encode, Load Latent, ...). It is not changed; a copy is."),
                 io.Combo.Input("operation", options=list(OPERATIONS), default="scale (x factor)",
@@ -59,10 +60,15 @@ class LatentChannelEdit(io.ComfyNode):
                                         "in the same order (e.g. channels '0,1' and target '2,3')."),
                 io.String.Input("batch", default="all",
                                 tooltip="Which latents of the batch to edit: " + SELECTION_TIP + " Empty means all."),
+                io.String.Input("frames", default="all", optional=True,
+                                tooltip="Video latents [B, C, T, h, w] only: which latent frames to edit, " + SELECTION_TIP
+                                        + " Empty means all; frames not chosen stay exactly as they are. An image "
+                                          "latent has no frames: leave it at 'all'."),
                 io.Mask.Input("mask", optional=True,
                               tooltip="Optional: edit only where the mask is (soft: 0.5 = half way). A mask in image pixels "
                                       "(e.g. from Load Image's alpha) or on the latent grid; it is resized to the latent grid. "
-                                      "One mask for all latents or one per latent."),
+                                      "One mask for all latents or one per latent; for a video latent one for every frame, one "
+                                      "per item or one per latent frame (item by item)."),
             ],
             outputs=[
                 io.Latent.Output("edited", display_name="LATENT",
@@ -75,10 +81,10 @@ class LatentChannelEdit(io.ComfyNode):
 
     @classmethod
     def execute(cls, latent, operation, channels, factor, offset, low, high, limit, mean, std, target, batch,
-                mask=None) -> io.NodeOutput:
-        result = edit.edit_channels(wire.latent_samples(latent), OPERATIONS.get(operation, operation), channels,
-                                    factor=factor, offset=offset, low=low, high=high, limit=limit, mean=mean, std=std,
-                                    target=target, mask=mask, batch=batch)
+                frames="all", mask=None) -> io.NodeOutput:
+        result = edit.edit_channels(wire.latent_samples(latent, video=True), OPERATIONS.get(operation, operation),
+                                    channels, factor=factor, offset=offset, low=low, high=high, limit=limit, mean=mean,
+                                    std=std, target=target, mask=mask, batch=batch, frames=frames)
         return io.NodeOutput(wire.with_samples(latent, result.latent), result.json_text())
 
 

@@ -4,6 +4,7 @@ cell changes (the SD-VAE "smuggling" test).
 Latent Reach Map: every cell at once, a first-order estimate from one decode and a few backward
 passes through the host's own decoder. Latent Cell Reach: the exact measure for chosen cells, one
 decode per cell. Units: change in 0..1 image units; near field = `window` cells around the cell.
+A video latent is measured one latent frame at a time (`index` counts frames), each decoded alone.
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ MODE_TIP = ("How each cell is changed: 'median' replaces it by the median of its
 FACTOR_TIP = "Only for mode 'scale': the cell is multiplied by this (e.g. 2 or 0.5; 1 changes nothing)."
 WINDOW_TIP = ("Near field, in latent cells around the cell (3: a 7x7-cell box, 56 px for SD). Changes inside it "
               "are expected; the reach is what changes outside it.")
-INDEX_TIP = "Which latent of the batch to measure (0-based)."
+INDEX_TIP = ("Which latent of the batch to measure (0-based). A video latent [B, C, T, h, w]: which latent frame, "
+             "counted item by item (item b, frame t is b x T + t); that frame is decoded alone.")
 CELLS_EXAMPLE = ("'9,21' or '9,21; 3,4' (y,x latent cells, 0-based); empty: the reach map's 8 strongest cells; "
                  "'all': every cell (one decode each: 1,025 for a 512 px SD image; the cost is shown on the node "
                  "before it starts, and Cancel stops it)")
@@ -37,7 +39,8 @@ class LatentReachMap(io.ComfyNode):
                          "backward passes, whatever the size); check the top cells exactly with Latent Cell Reach."),
             inputs=[
                 io.Vae.Input("vae", tooltip="The VAE whose decoder is tested (KL VAEs of any family, or TAESD)."),
-                io.Latent.Input("latent", tooltip="The latent to test, e.g. from VAE Encode or a sampler."),
+                io.Latent.Input("latent", tooltip="The latent to test, e.g. from VAE Encode or a sampler; image or "
+                                                  "video [B, C, T, h, w]."),
                 io.Combo.Input("mode", options=list(reach.MODES), default="median", tooltip=MODE_TIP),
                 io.Float.Input("factor", default=2.0, min=-100.0, max=100.0, step=0.1, tooltip=FACTOR_TIP),
                 io.Int.Input("window", default=3, min=0, max=64, tooltip=WINDOW_TIP),
@@ -67,7 +70,7 @@ class LatentReachMap(io.ComfyNode):
 
     @classmethod
     def execute(cls, vae, latent, mode, factor, window, index, blocks, top, colormap) -> io.NodeOutput:
-        result = reach.reach_map(host.codec(vae), wire.latent_samples(latent), mode=mode, factor=factor, window=window,
+        result = reach.reach_map(host.codec(vae), wire.latent_samples(latent, video=True), mode=mode, factor=factor, window=window,
                                  blocks=blocks, top=top, index=index, cmap=colormap, progress=host.progress_fn())
         pictures = {name: wire.engine_to_image(pic) for name, pic in result.pictures().items()}
         return io.NodeOutput(pictures["map"], pictures["overlay"], result.json_text(), result.top_cells_text,
@@ -86,7 +89,8 @@ class LatentCellReach(io.ComfyNode):
                          "use it on the few cells Latent Reach Map points at (or on every cell of a small latent)."),
             inputs=[
                 io.Vae.Input("vae", tooltip="The VAE whose decoder is tested (KL VAEs of any family, or TAESD)."),
-                io.Latent.Input("latent", tooltip="The latent to test, e.g. from VAE Encode or a sampler."),
+                io.Latent.Input("latent", tooltip="The latent to test, e.g. from VAE Encode or a sampler; image or "
+                                                  "video [B, C, T, h, w]."),
                 io.String.Input("cells", default="", tooltip=f"Cells to measure: {CELLS_EXAMPLE}."),
                 io.Combo.Input("mode", options=list(reach.MODES), default="median", tooltip=MODE_TIP),
                 io.Float.Input("factor", default=2.0, min=-100.0, max=100.0, step=0.1, tooltip=FACTOR_TIP),
@@ -119,7 +123,7 @@ class LatentCellReach(io.ComfyNode):
                 top_cells=None) -> io.NodeOutput:
         chosen = (reach.read_cells(cells, "cells") if top_cells is None  # blank: the reach map's top cells
                   else reach.read_cells(top_cells, "top_cells"))
-        z = wire.latent_samples(latent)
+        z = wire.latent_samples(latent, video=True)
         host.show_text(cls.hidden.unique_id, "measuring " + reach.cost_text(z, chosen))
         result = reach.cell_reach(host.codec(vae), z, chosen, mode=mode, factor=factor,
                                   window=window, index=index, batch_size=batch_size, cmap=colormap,

@@ -24,10 +24,12 @@ class RepairLatent(io.ComfyNode):
                          "information) by the median of their healthy neighbours, and reports what that changed: the "
                          "reach of each repaired cell, the reach map's worst cell before and after, and the change of "
                          "the decoded image. Cells come from the encoder's posterior (connect the image) or from outliers "
-                         "of the latent alone (e.g. after a sampler)."),
+                         "of the latent alone (e.g. after a sampler). A video latent [B, C, T, h, w] is repaired frame by "
+                         "frame from its own outliers, each frame decoded alone."),
             inputs=[
                 io.Vae.Input("vae", tooltip="The VAE that decodes the latent (and encoded it, for posterior anomalies)."),
-                io.Latent.Input("latent", tooltip="The latent to repair: from VAE Encode, a sampler, Load Latent, ..."),
+                io.Latent.Input("latent", tooltip="The latent to repair: from VAE Encode, a sampler, Load Latent, ...; image or "
+                                                  "video [B, C, T, h, w]."),
                 io.Combo.Input("source", options=list(SOURCES), default="auto",
                                tooltip="Which cells: where the encoder's log-variance collapses, as in Inspect VAE's verdict "
                                        "(needs 'image'), outliers of the latent alone (robust z per channel), or 'auto' "
@@ -45,13 +47,15 @@ class RepairLatent(io.ComfyNode):
                 io.Boolean.Input("fast_map", default=True,
                                  tooltip="Also compare the reach maps before and after (two backward-pass maps per latent)."),
                 io.Image.Input("image", optional=True,
-                               tooltip="Optional: the image the latent was encoded from, to find cells from the posterior."),
+                               tooltip="Optional: the image the latent was encoded from, to find cells from the posterior "
+                                       "(image latents only)."),
             ],
             outputs=[
                 io.Latent.Output("repaired", display_name="LATENT",
                                  tooltip="A copy of the latent with the flagged cells replaced; noise_mask and other keys kept."),
                 io.Image.Output("picture", display_name="picture",
-                                tooltip="Per latent: decoded before (repaired cells boxed) | after | |after - before|."),
+                                tooltip="Per latent (video: per frame, item by item): decoded before (repaired cells boxed) | "
+                                        "after | |after - before|."),
                 io.String.Output("report", display_name="report",
                                  tooltip="JSON: the cells repaired, the image change (everywhere and away from the cells), "
                                          "each cell's exact reach before, and the reach map's worst cells before and after."),
@@ -61,7 +65,7 @@ class RepairLatent(io.ComfyNode):
     @classmethod
     def execute(cls, vae, latent, source, posterior_threshold, latent_threshold, window, measure_cells, fast_map,
                 image=None) -> io.NodeOutput:
-        z = wire.latent_samples(latent)
+        z = wire.latent_samples(latent, video=True)
         image = wire.image_to_engine(image) if image is not None else None
         result = repair.repair(host.codec(vae), z, source=SOURCES.get(source, source), image=image,
                                posterior_threshold=posterior_threshold, latent_threshold=latent_threshold,

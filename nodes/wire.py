@@ -1,7 +1,7 @@
 """ComfyUI wire types ↔ engine tensors. Pure torch: no host imports, never modifies its inputs.
 
 IMAGE (ComfyUI): `[B, H, W, C]` float 0..1. Engine images: `[B, 3, H, W]` float 0..1.
-LATENT (ComfyUI): a dict whose `samples` is `[B, C, h, w]` in raw VAE space; other keys
+LATENT (ComfyUI): a dict whose `samples` is `[B, C, h, w]` (video: `[B, C, T, h, w]`) in raw VAE space; other keys
 (`noise_mask`, `batch_index`, `type`, ...) must survive every edit.
 """
 from __future__ import annotations
@@ -54,12 +54,14 @@ def images_to_batch(images: list[torch.Tensor]) -> torch.Tensor:
     return out
 
 
-def latent_samples(latent, name: str = "latent", any_family: bool = False) -> torch.Tensor:
+def latent_samples(latent, name: str = "latent", any_family: bool = False, video: bool = False) -> torch.Tensor:
     """The `[B, C, h, w]` samples of a LATENT dict (not a copy: callers must not modify it).
-    `any_family`: also 1-D and video latents (`[B, C, L]`, `[B, C, T, h, w]`), for nodes that hand
-    the latent to the host's own VAE."""
+    `video`: also video latents `[B, C, T, h, w]`, for features that fold frames (`vae_fix.frames`);
+    `any_family`: also 1-D latents `[B, C, L]` and video latents, for nodes that hand the latent to
+    the host's own VAE."""
     samples = latent.get("samples") if isinstance(latent, dict) else None
-    dims, shapes = ((3, 4, 5), "[B, C, h, w] or [B, C, T, h, w]") if any_family else ((4,), "[B, C, h, w]")
+    dims, shapes = (((3, 4, 5), "[B, C, h, w] or [B, C, T, h, w]") if any_family else
+                    ((4, 5), "[B, C, h, w] or [B, C, T, h, w]") if video else ((4,), "[B, C, h, w]"))
     if not isinstance(samples, torch.Tensor) or samples.dim() not in dims:
         got = tuple(samples.shape) if isinstance(samples, torch.Tensor) else type(latent).__name__
         raise InputError(name, f"got {got}", f"a ComfyUI LATENT with 'samples' of shape {shapes}")

@@ -1,6 +1,6 @@
 """Mutated latent files (ComfyUI .latent with and without its version key, `samples`, `mean`,
 `latent`, a lone tensor; float32/16, bfloat16) through read_latent: each is refused with InputError
-naming the file, or read as a float32 `[B, C, h, w]` latent with no empty dimension, at most
+naming the file, or read as a float32 `[B, C, h, w]` (or video `[B, C, T, h, w]`) latent with no empty dimension, at most
 MAX_LATENT_CHANNELS channels and only finite values (unless non-finite ones were allowed). Nothing
 else comes out, no case hangs, the file is unchanged. 4,000 seeded mutations of the header (bytes,
 length, fields, dtypes and shapes that still fit the data, names, metadata, numbers JSON forbids,
@@ -115,7 +115,7 @@ def outcome(path, allow_nonfinite: bool) -> str:
     try:
         with deadline(CASE_SECONDS):
             z = read_latent(path, allow_nonfinite)
-        assert isinstance(z, torch.Tensor) and z.dtype == torch.float32 and z.dim() == 4, (type(z), z)
+        assert isinstance(z, torch.Tensor) and z.dtype == torch.float32 and z.dim() in (4, 5), (type(z), z)
         assert 0 not in z.shape and z.shape[1] <= MAX_LATENT_CHANNELS, z.shape
         finite = int(z.isfinite().sum())
         assert finite == z.numel() or (allow_nonfinite and finite > 0), (finite, z.numel())

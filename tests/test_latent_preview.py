@@ -14,11 +14,19 @@ from vae_fix.latent_preview import family_preview, fit_linear, fit_preview, late
 from vae_fix.model import preset_config, random_vae
 
 
+def published_model_space(fam, z):
+    """ComfyUI's process_in: (z - shift) * scale, or (z - mean_c) * scale / std_c (Wan, Mochi)."""
+    if fam.channel_mean is None:
+        return (z - fam.shift) * fam.scale
+    view = (1, fam.channels) + (1,) * (z.dim() - 2)
+    return (z - torch.tensor(fam.channel_mean).view(view)) * fam.scale / torch.tensor(fam.channel_std).view(view)
+
+
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_family_preview_is_the_published_map_on_model_space(name):
     fam = FAMILIES[name]
     z = torch.randn(2, fam.channels, 5, 7, generator=torch.Generator().manual_seed(0)) * 4 + 0.3
-    model = (z - fam.shift) * fam.scale                               # what the sampler sees
+    model = published_model_space(fam, z)                             # what the sampler sees
     expected = torch.einsum("bchw,cr->brhw", model, torch.tensor(fam.rgb_factors))
     expected = expected + torch.tensor(fam.rgb_bias).view(1, 3, 1, 1)
     prev = family_preview(name)

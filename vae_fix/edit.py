@@ -1,20 +1,25 @@
-"""Per-channel edits of latents `[B, C, h, w]`, any channel count, optionally masked and per item.
+"""Per-channel edits of latents `[B, C, h, w]` or video latents `[B, C, T, h, w]`, any channel
+count, optionally masked, per item and (video) per frame.
 
 Every edit returns a new tensor (inputs are never modified). A mask (`[H, W]`, `[B, H, W]` or
 `[B, 1, H, W]`, 0..1, in image pixels or on the latent grid) is resized to the latent grid and used
 as a soft blend weight: `out = z + mask * (edited - z)`. Items not chosen by `batch` stay as they are.
+A video latent's mask applies per frame (`frames.fold`): one mask for every frame, one per item, or
+one per frame (item by item); frames not chosen by `frames` stay as they are, bit for bit.
 
-Selections are strings: channels `"all"`, `"0,2"`, `"1-3"`, `"0,4-7"`; batch the same (`"all"` or
-empty = every item). Ranges are inclusive.
+Selections are strings: channels `"all"`, `"0,2"`, `"1-3"`, `"0,4-7"`; batch and frames the same
+(`"all"` or empty = every item or frame). Ranges are inclusive.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from .errors import InputError
+from .frames import MAX_LATENT_CHANNELS, FrameLayout, check_latent, fold  # noqa: F401  (re-exported)
 from .result import Result
 
 OPS = ("scale", "offset", "clamp", "soft_clamp", "normalize", "zero", "invert", "swap", "copy")
@@ -61,19 +66,16 @@ def parse_batch(spec, batch: int, name: str = "batch") -> list[int]:
     return parse_indices(spec, batch, name, "batch item", empty_means_all=True)
 
 
-MAX_LATENT_CHANNELS = 1024
-
-
-def check_latent(z, name: str = "latent") -> torch.Tensor:
-    if not isinstance(z, torch.Tensor) or z.dim() != 4:
-        got = f"shape {list(z.shape)}" if isinstance(z, torch.Tensor) else type(z).__name__
-        raise InputError(name, f"got {got}", "a tensor [B, C, h, w]")
-    if not z.is_floating_point():
-        raise InputError(name, f"dtype {z.dtype} is not floating point", "a float tensor")
-    if 0 in z.shape or z.shape[1] > MAX_LATENT_CHANNELS:
-        raise InputError(name, f"shape {list(z.shape)}", f"a latent [B, C, h, w] with no empty dimension and at most "
-                         f"{MAX_LATENT_CHANNELS} channels (the largest VAEs have 64)")
-    return z
+def parse_frames(spec, layout: FrameLayout, name: str = "frames") -> list[int]:
+    """The chosen frames of a video latent (`"all"` or empty: every frame). An image latent has no
+    frames: only `"all"` or nothing is taken (as its one frame, [0])."""
+    if layout.video:
+        return parse_indices(spec, layout.frames, name, "frame", empty_means_all=True)
+    text = str(spec if spec is not None else "").strip().lower()
+    if text and text not in _ALL:
+        raise InputError(name, f"{text!r} chosen on an image latent [B, C, h, w], which has no frames",
+                         "'all' (or empty) for an image latent; frame numbers only for a video latent [B, C, T, h, w]")
+    return [0]
 
 
 def mask_to_grid(mask, batch: int, h: int, w: int, name: str = "mask") -> torch.Tensor:
@@ -98,11 +100,27 @@ def mask_to_grid(mask, batch: int, h: int, w: int, name: str = "mask") -> torch.
     return m.clamp(0, 1).expand(batch, 1, h, w)
 
 
+def frame_masks(mask, layout: FrameLayout, h: int, w: int, name: str = "mask") -> torch.Tensor:
+    """A mask for a folded latent (`frames.fold`) → blend weights per frame `[B*T, 1, h, w]`.
+    A video latent takes 1 mask (every frame), B (one per item, on each of its frames) or B*T (one
+    per frame, item by item); an image latent 1 or B (`mask_to_grid`)."""
+    m = torch.as_tensor(mask).detach().float()
+    count = m.shape[0] if m.dim() >= 3 else 1
+    if layout.video and count == layout.items and count not in (1, layout.count):
+        m = m.repeat_interleave(layout.frames, 0)
+    elif layout.video and count not in (1, layout.count):
+        raise InputError(name, f"{count} masks for {layout.items} video latent(s) of {layout.frames} frames",
+                         f"1 mask, {layout.items} (one per item) or {layout.count} (one per frame, item by item)")
+    return mask_to_grid(m, layout.count, h, w, name)
+
+
 def _weighted_moments(x: torch.Tensor, weight: torch.Tensor):
-    """Per item and channel mean and std of `x [B, C, h, w]` under `weight [B, 1, h, w]`."""
-    total = weight.sum(dim=(2, 3), keepdim=True).clamp_min(1e-8)
-    mean = (x * weight).sum(dim=(2, 3), keepdim=True) / total
-    var = ((x - mean) ** 2 * weight).sum(dim=(2, 3), keepdim=True) / total
+    """Per item and channel mean and std of `x [B, C, h, w]` (or `[B, C, T, h, w]`: over the
+    item's frames) under `weight [B, 1, ...]`."""
+    dims = tuple(range(2, x.dim()))
+    total = weight.sum(dim=dims, keepdim=True).clamp_min(1e-8)
+    mean = (x * weight).sum(dim=dims, keepdim=True) / total
+    var = ((x - mean) ** 2 * weight).sum(dim=dims, keepdim=True) / total
     return mean, var.sqrt()
 
 
@@ -163,57 +181,73 @@ def _check_params(op: str, factor, offset, low, high, limit, mean, std) -> None:
 
 @dataclass
 class EditResult(Result):
-    """The edited latent `[B, C, h, w]` (input dtype) and how each touched channel moved."""
+    """The edited latent (the input's shape and dtype) and how each touched channel moved."""
     latent: torch.Tensor
     operation: str
     latent_shape: list[int]
     batch_items: list[int]
     masked: bool
     channels: list[dict]              # per touched channel: mean/std before and after, values changed
+    frames: Optional[list[int]] = None  # the chosen frames of a video latent; None for an image latent
 
     json_name = "info"
 
     def to_json(self) -> dict:
-        return {"operation": self.operation, "latent_shape": self.latent_shape, "batch_items": self.batch_items,
+        data = {"operation": self.operation, "latent_shape": self.latent_shape, "batch_items": self.batch_items,
                 "masked": self.masked, "channels": self.channels}
+        return data if self.frames is None else {**data, "frames": self.frames}
 
     def summary(self) -> str:
         where = " inside the mask" if self.masked else ""
-        lines = [f"{self.operation} on latent {self.latent_shape} (B, C, h, w), batch items {self.batch_items}{where}"]
+        what = (f"latent {self.latent_shape} (B, C, h, w), batch items {self.batch_items}" if self.frames is None else
+                f"video latent {self.latent_shape} (B, C, T, h, w), batch items {self.batch_items}, frames {self.frames}")
+        lines = [f"{self.operation} on {what}{where}"]
         lines += [f"ch {r['channel']}: mean {r['mean_before']:.4g} -> {r['mean_after']:.4g}, std {r['std_before']:.4g} "
                   f"-> {r['std_after']:.4g}, {r['values_changed']} values changed" for r in self.channels]
         return "\n".join(lines)
 
 
-def _channel_rows(z: torch.Tensor, edited: torch.Tensor, channels: list[int], items: list[int]) -> list[dict]:
-    """Mean/std before and after over the chosen batch items, per touched channel."""
+def _channel_rows(z: torch.Tensor, edited: torch.Tensor, channels: list[int], picked: list[int]) -> list[dict]:
+    """Mean/std before and after over the chosen frames of the fold (`picked`: for an image latent,
+    the chosen batch items), per touched channel."""
+    (zf, _), (ef, _) = fold(z), fold(edited)
     rows = []
     for ch in channels:
-        before, after = z[items, ch].float(), edited[items, ch].float()
+        before, after = zf[picked, ch].float(), ef[picked, ch].float()
         rows.append({"channel": ch, "mean_before": float(before.mean()), "std_before": float(before.std(unbiased=False)),
                      "mean_after": float(after.mean()), "std_after": float(after.std(unbiased=False)),
                      "values_changed": int((before != after).sum())})
     return rows
 
 
+def _weights(mask, layout: FrameLayout, h: int, w: int, picked: list[int], device) -> torch.Tensor:
+    """Blend weights `[B, 1, h, w]` (video: `[B, 1, T, h, w]`): the mask on the picked frames, 0 elsewhere."""
+    n = layout.count
+    weight = torch.ones(n, 1, h, w, device=device) if mask is None else frame_masks(mask, layout, h, w).to(device)
+    chosen = torch.zeros(n, 1, 1, 1, device=device)
+    chosen[picked] = 1.0
+    return layout.unfold(weight * chosen)
+
+
 def edit_channels(z: torch.Tensor, op: str, channels="all", *, factor: float = 1.0, offset: float = 0.0,
                   low: float | None = None, high: float | None = None, limit: float = 3.0,
-                  mean: float = 0.0, std: float = 1.0, target=None, mask=None, batch="all") -> EditResult:
-    """Apply one channel operation to `z [B, C, h, w]`; the result holds a new tensor of the same dtype.
+                  mean: float = 0.0, std: float = 1.0, target=None, mask=None, batch="all",
+                  frames="all") -> EditResult:
+    """Apply one channel operation to `z [B, C, h, w]` or a video latent `[B, C, T, h, w]`; the
+    result holds a new tensor of the same shape and dtype.
 
     op: scale (× factor), offset (+ offset), clamp (to low..high), soft_clamp (limit·tanh(x/limit)),
-    normalize (to mean/std per item and channel, statistics taken under the mask), zero, invert
-    (x → -x), swap (channels ↔ target), copy (channels → target).
+    normalize (to mean/std per item and channel, statistics taken under the mask, over the item's
+    chosen frames), zero, invert (x → -x), swap (channels ↔ target), copy (channels → target).
+    `frames`: which frames of a video latent (an image latent takes only "all").
     """
-    check_latent(z)
+    _, layout = fold(z)
     _check_params(op, factor, offset, low, high, limit, mean, std)
-    b, c, h, w = z.shape
+    c, (h, w) = z.shape[1], z.shape[-2:]
     ch = parse_channels(channels, c)
-    items = parse_batch(batch, b)
-    weight = torch.ones(b, 1, h, w, device=z.device) if mask is None else mask_to_grid(mask, b, h, w).to(z.device)
-    chosen = torch.zeros(b, 1, 1, 1, device=z.device)
-    chosen[items] = 1.0
-    weight = weight * chosen
+    items, chosen_frames = parse_batch(batch, layout.items), parse_frames(frames, layout)
+    picked = [layout.index(i, t) for i in items for t in chosen_frames]
+    weight = _weights(mask, layout, h, w, picked, z.device)
     params = dict(factor=factor, offset=offset, low=low, high=high, limit=limit, mean=mean, std=std)
     touched = ch
     if op in ("swap", "copy"):
@@ -222,4 +256,5 @@ def edit_channels(z: torch.Tensor, op: str, channels="all", *, factor: float = 1
     zf = z.detach().float()
     edited = _edited(op, zf, ch, weight, params)
     blended = torch.where(weight > 0, torch.lerp(zf, edited, weight), zf).to(z.dtype)  # no NaN from 0·inf outside
-    return EditResult(blended, op, list(z.shape), items, mask is not None, _channel_rows(z, blended, touched, items))
+    return EditResult(blended, op, list(z.shape), items, mask is not None, _channel_rows(z, blended, touched, picked),
+                      chosen_frames if layout.video else None)

@@ -1,9 +1,11 @@
 """Known latent families: channel count, the sampler's scale and shift, and latent → RGB factors.
 
-A raw VAE latent z becomes the diffusion model's latent as `(z - shift) * scale`. The RGB factors
-(`[C, 3]`, rows = latent channels) and bias map that model-space latent to an image nominally in
--1..1. Numbers are the published ones (ComfyUI `comfy/latent_formats.py`, Stability/BFL configs);
-the SD1.x scale 0.18215 and SDXL 0.13025 are 1/std of their latents.
+A raw VAE latent z becomes the diffusion model's latent as `(z - shift) * scale`; Wan 2.1/2.2 and
+Mochi shift and scale each channel, `(z - mean_c) * scale / std_c`. The RGB factors (`[C, 3]`, rows
+= latent channels) and bias map that model-space latent to an image nominally in -1..1. Numbers are
+the published ones (ComfyUI `comfy/latent_formats.py`, Stability/BFL configs; the video families'
+in `family_factors.py`); the SD1.x scale 0.18215 and SDXL 0.13025 are 1/std of their latents.
+Video families' latents are `[B, C, T, h, w]`; their factors act on each frame alike.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import family_factors as ff
 from .errors import InputError
 
 
@@ -23,14 +26,40 @@ class LatentFamily:
     shift: float
     rgb_factors: tuple[tuple[float, float, float], ...]  # [C, 3]
     rgb_bias: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    video: bool = False                         # latents [B, C, T, h, w]
+    channel_mean: tuple[float, ...] | None = None  # per-channel shift (Wan, Mochi), applied before `shift`
+    channel_std: tuple[float, ...] | None = None   # per-channel divisor (Wan, Mochi)
+
+    @property
+    def per_channel(self) -> bool:
+        return self.channel_mean is not None
+
+    def channel_shift_scale(self, dtype=torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+        """(shift `[C]`, scale `[C]`) with model = (raw - shift) * scale, per channel."""
+        if not self.per_channel:
+            return (torch.full((self.channels,), self.shift, dtype=dtype),
+                    torch.full((self.channels,), self.scale, dtype=dtype))
+        mean, std = torch.tensor(self.channel_mean, dtype=dtype), torch.tensor(self.channel_std, dtype=dtype)
+        return mean + self.shift, self.scale / std
+
+    def _per_channel_view(self, z: torch.Tensor):
+        shift, scale = self.channel_shift_scale(torch.float64)
+        view = (1, self.channels) + (1,) * (z.dim() - 2)
+        return shift.to(z.dtype).view(view).to(z.device), scale.to(z.dtype).view(view).to(z.device)
 
     def to_model_space(self, z: torch.Tensor) -> torch.Tensor:
-        """Raw latent `[B, C, h, w]` → what the diffusion model sees."""
-        return (z - self.shift) * self.scale
+        """Raw latent `[B, C, h, w]` (or `[B, C, T, h, w]`) → what the diffusion model sees."""
+        if not self.per_channel:
+            return (z - self.shift) * self.scale
+        shift, scale = self._per_channel_view(z)
+        return (z - shift) * scale
 
     def to_raw(self, x: torch.Tensor) -> torch.Tensor:
-        """Model-space latent `[B, C, h, w]` → raw VAE latent."""
-        return x / self.scale + self.shift
+        """Model-space latent `[B, C, h, w]` (or `[B, C, T, h, w]`) → raw VAE latent."""
+        if not self.per_channel:
+            return x / self.scale + self.shift
+        shift, scale = self._per_channel_view(x)
+        return x / scale + shift
 
     def rgb_matrix(self, dtype=torch.float32, device=None) -> torch.Tensor:
         """The factors as a `[C, 3]` tensor."""
@@ -40,8 +69,13 @@ class LatentFamily:
         return torch.tensor(self.rgb_bias, dtype=dtype, device=device)
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "label": self.label, "channels": self.channels,
+        data = {"name": self.name, "label": self.label, "channels": self.channels,
                 "scale": self.scale, "shift": self.shift}
+        if self.video:
+            data["video"] = True
+        if self.per_channel:
+            data.update(channel_mean=list(self.channel_mean), channel_std=list(self.channel_std))
+        return data
 
 
 _SD1_RGB = ((0.3512, 0.2297, 0.3227), (0.3250, 0.4974, 0.2350),
@@ -74,11 +108,25 @@ FAMILIES: dict[str, LatentFamily] = {
         LatentFamily("sdxl", "SDXL", 4, 0.13025, 0.0, _SDXL_RGB, (0.1084, -0.0175, -0.0011)),
         LatentFamily("sd3", "SD3", 16, 1.5305, 0.0609, _SD3_RGB, (0.2394, 0.2135, 0.1925)),
         LatentFamily("flux", "Flux", 16, 0.3611, 0.1159, _FLUX_RGB, (-0.0329, -0.0718, -0.0851)),
+        LatentFamily("hunyuan_image21", "Hunyuan Image 2.1", 64, 0.75289, 0.0, ff.HUNYUAN_IMAGE21_RGB,
+                     ff.HUNYUAN_IMAGE21_RGB_BIAS),
+        LatentFamily("wan21", "Wan 2.1 / Qwen-Image (video)", 16, 1.0, 0.0, ff.WAN21_RGB, ff.WAN21_RGB_BIAS, True,
+                     ff.WAN21_MEAN, ff.WAN21_STD),
+        LatentFamily("wan22", "Wan 2.2 (video)", 48, 1.0, 0.0, ff.WAN22_RGB, ff.WAN22_RGB_BIAS, True,
+                     ff.WAN22_MEAN, ff.WAN22_STD),
+        LatentFamily("hunyuan_video", "HunyuanVideo (video)", 16, 0.476986, 0.0, ff.HUNYUAN_VIDEO_RGB,
+                     ff.HUNYUAN_VIDEO_RGB_BIAS, True),
+        LatentFamily("mochi", "Mochi (video)", 12, 1.0, 0.0, ff.MOCHI_RGB, ff.MOCHI_RGB_BIAS, True,
+                     ff.MOCHI_MEAN, ff.MOCHI_STD),
+        LatentFamily("ltxv", "LTXV (video)", 128, 1.0, 0.0, ff.LTXV_RGB, ff.LTXV_RGB_BIAS, True),
     )
 }
 
 ALIASES = {"sd": "sd1", "sd15": "sd1", "sd1.5": "sd1", "sd2": "sd1", "sd1x": "sd1",
-           "xl": "sdxl", "sd35": "sd3", "sd3.5": "sd3", "flux1": "flux", "flux.1": "flux"}
+           "xl": "sdxl", "sd35": "sd3", "sd3.5": "sd3", "flux1": "flux", "flux.1": "flux",
+           "wan": "wan21", "wan2.1": "wan21", "qwen": "wan21", "qwen-image": "wan21", "wan2.2": "wan22",
+           "hunyuanvideo": "hunyuan_video", "ltx": "ltxv", "ltxvideo": "ltxv", "hunyuan_image": "hunyuan_image21",
+           "hunyuanimage2.1": "hunyuan_image21"}
 
 
 def get_family(name: str, input_name: str = "family") -> LatentFamily:
@@ -91,6 +139,12 @@ def get_family(name: str, input_name: str = "family") -> LatentFamily:
     return FAMILIES[key]
 
 
-def families_with_channels(channels: int) -> list[LatentFamily]:
-    """Every known family whose latents have this many channels (4 → SD1.x and SDXL)."""
-    return [f for f in FAMILIES.values() if f.channels == channels]
+def families_with_channels(channels: int, video: bool = False) -> list[LatentFamily]:
+    """Every known image family (`video`: video family) whose latents have this many channels
+    (4 → SD1.x and SDXL; 16 and video → Wan 2.1 and HunyuanVideo)."""
+    return [f for f in FAMILIES.values() if f.channels == channels and f.video == video]
+
+
+def families_of_kind(video: bool) -> list[LatentFamily]:
+    """Every known image family, or every known video family."""
+    return [f for f in FAMILIES.values() if f.video == video]

@@ -1,6 +1,9 @@
 """Reach of latent cells, the two features: `reach_map` (every cell at once, fast first-order map)
 and `cell_reach` (chosen cells, exact: one decode per cell). Each returns a `Result` that knows its
 JSON (the node reports' keys), its summary and its pictures; the measures are in `reach_measure.py`.
+
+A video latent `[B, C, T, h, w]` is folded into frames (`frames.fold`): `index` then counts frames
+item by item, the chosen frame is decoded alone, and the report names its item and frame.
 """
 from __future__ import annotations
 
@@ -12,8 +15,8 @@ import torch
 
 from . import viz
 from .codec import Codec
-from .edit import check_latent
 from .errors import InputError
+from .frames import fold
 from .progress import ProgressFn, Steps
 from .reach_measure import (MODES, CellReach, check_mode, exact_inputs, exact_reach, fast_reach_map, fitted_from,  # noqa: F401
                             measure_cells, near_box, neighbour_median, perturbation, reach_to_map, summarize_map,
@@ -118,10 +121,12 @@ class ReachMapResult(Result):
         s = summarize_map(self.reach, 1)
         ratio = f" ({s['max_over_median']:.0f}x)" if s["max_over_median"] else ""
         (y, x), (h, w) = self.top_cells[0], self.reach.shape
+        where = (f" (item {self.settings['item']}, frame {self.settings['frame']} of a video latent, decoded alone)"
+                 if "video" in self.settings else "")
         fitted = self.settings.get("fitted_from")
         note = (f"; window {fitted['window']} and {fitted['blocks']}x{fitted['blocks']} regions do not fit, used "
                 f"window {self.settings['window']}, {self.settings['blocks']}x{self.settings['blocks']}") if fitted else ""
-        return (f"reach map of a {h}x{w} latent ({self.passes} backward passes): strongest cell {y},{x} = "
+        return (f"reach map of a {h}x{w} latent{where} ({self.passes} backward passes): strongest cell {y},{x} = "
                 f"{s['max']:.3g}, median {s['median']:.3g}{ratio}{note}")
 
     def summary(self) -> str:
@@ -164,7 +169,9 @@ class CellReachResult(Result):
     def summary(self) -> str:
         h, w = self.latent_size
         lines = [self.fast.headline()] if self.fast is not None else []
-        lines.append(f"exact reach of {len(self.cells)} cells ({self.selection}) of a {h}x{w} latent, "
+        where = (f" (item {self.settings['item']}, frame {self.settings['frame']} of a video latent, decoded alone)"
+                 if "video" in self.settings else "")
+        lines.append(f"exact reach of {len(self.cells)} cells ({self.selection}) of a {h}x{w} latent{where}, "
                      f"{len(self.cells) + 1} decodes; largest far change first:")
         lines += [f"  cell ({r.y:3d},{r.x:3d}): mean |change| far {r.mean_far:.4f}, near {r.mean_near:.4f}, "
                   f"ratio {r.ratio:.3f}, max far {r.max_far:.4f}" for r in self.cells[:8]]
@@ -190,14 +197,17 @@ def _check_top(top) -> None:
 def reach_map(codec: Codec, z: torch.Tensor, *, mode: str = "median", factor: float = 2.0, window: int = 3,
               blocks: int = 3, top: int = 5, index: int = 0, cmap: str = "inferno", values_in_json: bool = False,
               progress: Optional[ProgressFn] = None) -> ReachMapResult:
-    """Fast reach of every cell of latent `index` of `z [B, C, h, w]`: one decode and blocks² backward
-    passes through the codec's decoder (`fast_reach_map`); the `top` strongest cells are boxed and listed."""
+    """Fast reach of every cell of latent `index` of `z [B, C, h, w]` (a video latent: of frame
+    `index`, counted item by item): one decode and blocks² backward passes through the codec's
+    decoder (`fast_reach_map`); the `top` strongest cells are boxed and listed."""
     _check_top(top)
     viz.colormap_lut(cmap)  # an unknown colormap is refused before the work, not after
-    fast = fast_reach_map(codec.need_decoder(grad=True), z, mode=mode, factor=factor, window=window,
+    frames, layout = fold(z)
+    video = layout.decoded_settings(layout.frame_index(index)) if layout.video else {}
+    fast = fast_reach_map(codec.need_decoder(grad=True), frames, mode=mode, factor=factor, window=window,
                           blocks=blocks, index=index, fit=True, progress=progress)
     settings = {"mode": mode, "factor": factor if mode == "scale" else None, "window": fast.window,
-                "blocks": fast.blocks, "index": index, **fitted_from(fast, window, blocks)}  # says what it shrank
+                "blocks": fast.blocks, "index": index, **fitted_from(fast, window, blocks), **video}  # says what it shrank
     return ReachMapResult(fast.reach, _pixels(fast.image[0]), settings, fast.passes, fast.downscale, top, cmap,
                           values_in_json, dict(codec.info))
 
@@ -205,7 +215,7 @@ def reach_map(codec: Codec, z: torch.Tensor, *, mode: str = "median", factor: fl
 @torch.no_grad()
 def cost_text(z: torch.Tensor, cells=None, *, top: int = 8, blocks: int = 3) -> str:
     """What `cell_reach` will cost, said before it starts: decodes (and the reach map's backward passes)."""
-    h, w = check_latent(z).shape[-2:]
+    h, w = fold(z)[0].shape[-2:]
     if cells is None:
         n = min(top, h * w)
         return (f"the reach map's {n} strongest cells: 1 decode and {blocks * blocks} backward passes for the map, "
@@ -218,23 +228,26 @@ def cost_text(z: torch.Tensor, cells=None, *, top: int = 8, blocks: int = 3) -> 
 def cell_reach(codec: Codec, z: torch.Tensor, cells=None, *, mode: str = "median", factor: float = 2.0,
                window: int = 3, blocks: int = 3, index: int = 0, batch_size: int = 4, top: int = 8,
                cmap: str = "inferno", progress: Optional[ProgressFn] = None) -> CellReachResult:
-    """Exact reach of chosen cells of latent `index` of `z [B, C, h, w]`, one decode per cell (plus one).
+    """Exact reach of chosen cells of latent `index` of `z [B, C, h, w]` (a video latent: of frame
+    `index`, counted item by item, decoded alone), one decode per cell (plus one).
 
     `cells`: a list of (y, x); "all": every cell (h·w decodes); None: the `top` cells of the reach map
     (blocks² backward passes first, then `top` decodes). `blocks` sets the regions of `region_far`.
     """
     check_mode(mode, factor)
     viz.colormap_lut(cmap)
+    frames, layout = fold(z)
+    video = layout.decoded_settings(layout.frame_index(index)) if layout.video else {}
     fast, selection = None, "all" if isinstance(cells, str) and cells == "all" else "given"
     if cells is None:  # progress: the reach map's backward passes, then one step per measured cell
         _check_top(top)
-        passes, count = blocks * blocks, min(top, check_latent(z)[0, 0].numel())
+        passes, count = blocks * blocks, min(top, frames[0, 0].numel())
         steps = Steps(progress, passes + count)
         fast = reach_map(codec, z, mode=mode, factor=factor, window=window, blocks=blocks, top=top, index=index,
                          cmap=cmap, progress=steps.sub(passes))
         steps.step(passes)
         cells, selection, progress = fast.top_cells, f"reach map top {count}", steps.sub(count)
-    z1, cells, delta = exact_inputs(z, None if selection == "all" else cells, mode, factor, window, index,
+    z1, cells, delta = exact_inputs(frames, None if selection == "all" else cells, mode, factor, window, index,
                                     batch_size, None)
     if not cells:
         raise InputError("cells", "no cell given", f"{CELLS_EXAMPLE}, 'all', or none for the reach map's top cells")
@@ -242,6 +255,6 @@ def cell_reach(codec: Codec, z: torch.Tensor, cells=None, *, mode: str = "median
                                          batch_size, progress)
     reach.sort(key=lambda r: r.mean_far, reverse=True)
     change = ((changed.clamp(-1, 1) - base[0].clamp(-1, 1)).abs() / 2).mean(0).cpu()  # as VAE Decode shows it
-    settings = {"mode": mode, "factor": factor if mode == "scale" else None, "window": window, "index": index}
+    settings = {"mode": mode, "factor": factor if mode == "scale" else None, "window": window, "index": index, **video}
     return CellReachResult(reach, change, tuple(z1.shape[-2:]), base.shape[-2] // z1.shape[-2], settings,
                            selection, cmap, fast, dict(codec.info))

@@ -15,6 +15,10 @@ a latent that is flagged everywhere is left as it is.
 The report compares before and after: the decoded image's change (all pixels, and outside the
 windows of the repaired cells), the exact reach of each repaired cell (what its replacement alone
 does to the far field, `reach.exact_reach`) and the fast reach map's worst cell before and after.
+
+A video latent `[B, C, T, h, w]` is repaired frame by frame (`frames.fold`): its frames join the
+batch, cells come from the latent's own outliers (the posterior of one image is not that of a
+clip), and each frame is decoded on its own (`FRAMES_DECODED`); the report names item and frame.
 """
 from __future__ import annotations
 
@@ -27,8 +31,8 @@ import torch
 from . import viz
 from .anomaly import DEFAULT_MEAN_THRESHOLD, DEFAULT_MIN_MEAN_DEV, MAD_TO_SIGMA, AnomalyReport, find_pooled
 from .codec import Codec
-from .edit import check_latent
 from .errors import InputError
+from .frames import FRAMES_DECODED, FrameLayout, check_latent, fold
 from .reach import exact_reach, fast_reach_map, fitted_from, near_box, neighbour_median, summarize_map
 from .posterior import read_posterior
 from .progress import ProgressFn, Steps
@@ -95,10 +99,16 @@ def neutralise(z: torch.Tensor, mask) -> torch.Tensor:
 
 # ---------------------------------------------------------------- which cells
 
-def resolve_source(source: str, image: Optional[torch.Tensor]) -> str:
-    """'auto' → 'posterior' with an image, else 'latent'; 'posterior' without an image is refused."""
+def resolve_source(source: str, image: Optional[torch.Tensor], video: bool = False) -> str:
+    """'auto' → 'posterior' with an image, else 'latent'; 'posterior' without an image is refused,
+    and so is an image with a video latent (its cells come from the latent alone)."""
     if source not in SOURCES:
         raise InputError("source", f"{source!r}", f"one of {', '.join(SOURCES)}")
+    if video and (image is not None or source == "posterior"):
+        raise InputError("image" if image is not None else "source",
+                         "a video latent's cells cannot come from the posterior of images (each image would be "
+                         "encoded alone, not as the clip the latent came from)",
+                         "the latent outliers source, without an image, for a video latent [B, C, T, h, w]")
     if source == "auto":
         return "posterior" if image is not None else "latent"
     if source == "posterior" and image is None:
@@ -169,26 +179,27 @@ def repair(codec: Codec, z: torch.Tensor, *, source: str = "auto", image: Option
            posterior_threshold: Optional[float] = None, latent_threshold: Optional[float] = None,
            window: int = 3, measure_cells: int = 8, fast_map: bool = True, inputs: Optional[dict] = None,
            progress: Optional[ProgressFn] = None) -> "RepairResult":
-    """Choose the cells of `z [B, C, h, w]` (see the module notes), replace them and measure before/after.
+    """Choose the cells of `z [B, C, h, w]` (or of each frame of a video latent `[B, C, T, h, w]`; see
+    the module notes), replace them and measure before/after.
 
-    Thresholds: None is the detector's default. `measure_cells`: per latent, how many flagged cells
-    (highest score first) get the exact reach measure. `fast_map`: also compare the fast reach maps
-    before and after (needs a differentiable decoder). `inputs`: where the latent and image came from,
-    kept as the report's "input". Progress counts encodes, decodes and measures; it may raise to cancel.
+    Thresholds: None is the detector's default. `measure_cells`: per latent (frame), how many flagged
+    cells (highest score first) get the exact reach measure. `fast_map`: also compare the fast reach
+    maps before and after (needs a differentiable decoder). `inputs`: where the latent and image came
+    from, kept as the report's "input". Progress counts encodes, decodes and measures; it may raise to cancel.
     """
-    check_latent(z)
+    frames, layout = fold(z)
     if isinstance(measure_cells, bool) or not isinstance(measure_cells, int) or measure_cells < 0:
         raise InputError("measure_cells", f"{measure_cells!r}", "a whole number >= 0")
     decode, decode_grad = codec.need_decoder(), codec.need_decoder(grad=True) if fast_map else None
-    source = resolve_source(source, image)
-    b, _, h, w = z.shape
+    source = resolve_source(source, image, layout.video)
+    b, _, h, w = frames.shape
     steps = Steps(progress, (source == "posterior") + 2 + b * (1 + 2 * fast_map))
     threshold = posterior_threshold if source == "posterior" else latent_threshold
-    mask, scores = flagged_cells(codec, z, source, image, threshold)
+    mask, scores = flagged_cells(codec, frames, source, image, threshold)
     if source == "posterior":
         steps.step()  # the encode
-    fixed = neutralise(z, mask)
-    raw_before, raw_after = _decoded(decode, z, steps), _decoded(decode, fixed, steps)
+    fixed = neutralise(frames, mask)
+    raw_before, raw_after = _decoded(decode, frames, steps), _decoded(decode, fixed, steps)
     before, after = to_unit(raw_before), to_unit(raw_after)
     ds = before.shape[-2] // h
     images = []
@@ -196,21 +207,25 @@ def repair(codec: Codec, z: torch.Tensor, *, source: str = "auto", image: Option
         cells = _ordered_cells(mask[i], None if scores is None else scores[i])
         entry = {"index": i, "repaired_cells": len(cells), "cells": [list(c) for c in cells[:256]],
                  "image_change": _image_change(before[i], after[i], cells, window, ds)}
+        if layout.video:
+            entry["item"], entry["frame"] = layout.where(i)
         if cells[:measure_cells]:
-            reach = exact_reach(decode, z, cells[:measure_cells], window=window, index=i, base=raw_before[i:i + 1],
-                                delta=(fixed[i:i + 1] - z[i:i + 1]).float())
+            reach = exact_reach(decode, frames, cells[:measure_cells], window=window, index=i,
+                                base=raw_before[i:i + 1], delta=(fixed[i:i + 1] - frames[i:i + 1]).float())
             entry["cell_reach_before"] = [r.to_dict() for r in reach]
         steps.step()
         if fast_map:
-            for key, latent in (("fast_reach_before", z), ("fast_reach_after", fixed)):
+            for key, latent in (("fast_reach_before", frames), ("fast_reach_after", fixed)):
                 entry[key] = _fast_summary(decode_grad, latent, i, window)
                 steps.step()
         images.append(entry)
     report = {"source": source, "window": window, "downscale": ds, "latent_shape": list(z.shape),
               "repaired_cells": int(mask.sum()), "images": images, "method": METHOD, "vae": codec.info}
+    if layout.video:
+        report["video"] = dict(layout.to_json(), decoded=FRAMES_DECODED)
     if inputs:
         report["input"] = inputs
-    return RepairResult(fixed, mask, before, after, report)
+    return RepairResult(layout.unfold(fixed), mask, before, after, report, layout)
 
 
 def _decoded(decode, z: torch.Tensor, steps: Steps) -> torch.Tensor:
@@ -223,11 +238,12 @@ def _decoded(decode, z: torch.Tensor, steps: Steps) -> torch.Tensor:
 
 @dataclass
 class RepairResult(Result):
-    latent: torch.Tensor          # [B, C, h, w] repaired, on the input latent's device and dtype
-    mask: torch.Tensor            # [B, h, w] cells that were replaced
-    before: torch.Tensor          # [B, 3, H, W] 0..1 decoded original
+    latent: torch.Tensor          # [B, C, h, w] (video: [B, C, T, h, w]) repaired, on the input's device and dtype
+    mask: torch.Tensor            # [B, h, w] cells that were replaced (video: per frame, [B*T, h, w])
+    before: torch.Tensor          # [B, 3, H, W] 0..1 decoded original (video: [B*T, ...], each frame alone)
     after: torch.Tensor           # [B, 3, H, W] 0..1 decoded repair
     report: dict
+    layout: FrameLayout = FrameLayout(1)  # where the frames came from (an image latent: its own batch)
 
     json_name = "repair"
 
@@ -236,9 +252,12 @@ class RepairResult(Result):
 
     def summary(self) -> str:
         lines = [f"{self.report['repaired_cells']} cells to repair ({self.report['source']})"]
+        if self.layout.video:
+            lines[0] += f" in a video latent of {self.layout.frames} frames; {FRAMES_DECODED}"
         for e in self.report["images"]:
             change, far = e["image_change"], e["image_change"]["far_mean_abs"]
-            line = (f"image {e['index']}: {e['repaired_cells']} cells repaired; mean |image change| "
+            name = self.layout.label(e["index"]) if self.layout.video else f"image {e['index']}"
+            line = (f"{name}: {e['repaired_cells']} cells repaired; mean |image change| "
                     f"{change['mean_abs']:.4f}, away from the cells {'n/a' if far is None else f'{far:.4f}'}")
             before, after = e.get("fast_reach_before", {}), e.get("fast_reach_after", {})
             if "max" in before and "max" in after:
@@ -247,7 +266,11 @@ class RepairResult(Result):
         return "\n".join(lines)
 
     def pictures(self) -> dict:
-        """`repair_<i>`: per latent, before (repaired cells boxed) | after | |after - before|."""
+        """`repair_<i>` (video: `repair_item<b>_frame<t>`): per latent (frame), before (repaired cells
+        boxed) | after | |after - before|."""
+        if self.layout.video:
+            return {"repair_item{}_frame{}".format(*self.layout.where(i)): repair_picture(self, i)
+                    for i in range(self.before.shape[0])}
         return {f"repair_{i}": repair_picture(self, i) for i in range(self.before.shape[0])}
 
 

@@ -3,6 +3,9 @@
 The sampler's scale factor is 1/std of a family's latents and its shift their mean (SD1.x: 0.18215,
 no shift). `latent_statistics` reports what the given latents imply, next to the known families'
 values and how the latents look in each family's model space (ideally mean 0, std 1).
+
+A video latent `[B, C, T, h, w]` is measured over all its frames (`frames.fold`), next to the video
+families, and each frame again on its own (`per_frame`: item, frame, its channels and overall).
 """
 from __future__ import annotations
 
@@ -13,9 +16,9 @@ import torch
 from PIL import Image, ImageDraw
 
 from . import viz
-from .edit import check_latent
 from .errors import InputError
-from .families import FAMILIES
+from .families import families_of_kind
+from .frames import describe, fold
 from .result import Result
 
 PERCENTILES = (1, 5, 50, 95, 99)
@@ -36,11 +39,28 @@ def _describe(values: np.ndarray, percentiles) -> dict:
     }
 
 
-def _family_view(values: np.ndarray, channels: int, overall: dict) -> list[dict]:
+def _model_values(per_channel: np.ndarray, finite: np.ndarray, fam) -> np.ndarray:
+    """The finite values in a per-channel family's model space (Wan, Mochi: (z - mean_c) * scale / std_c)."""
+    shift, scale = (t.numpy() for t in fam.channel_shift_scale())
+    return np.concatenate([(per_channel[i][finite[i]] - shift[i]) * scale[i] for i in range(len(shift))])
+
+
+def _family_view(per_channel: np.ndarray, finite: np.ndarray, overall: dict, video: bool) -> list[dict]:
+    """Each known family of the latent's kind (image or video): how the latent looks in its model
+    space; `scale_ratio` 1.0 when the data fits it (per-channel families: 1 / model-space std)."""
+    values, channels = per_channel[finite], per_channel.shape[0]
     rows = []
-    for fam in FAMILIES.values():
+    for fam in families_of_kind(video):
         row = fam.to_dict()
         row["channels_match"] = fam.channels == channels
+        if fam.per_channel:
+            if row["channels_match"] and values.size:
+                model = _model_values(per_channel, finite, fam)
+                row["model_space_mean"], row["model_space_std"] = float(model.mean()), float(model.std())
+                if row["model_space_std"] > 0:
+                    row["scale_ratio"] = 1.0 / row["model_space_std"]
+            rows.append(row)
+            continue
         if values.size:
             model = (values - fam.shift) * fam.scale
             row["model_space_mean"], row["model_space_std"] = float(model.mean()), float(model.std())
@@ -56,14 +76,17 @@ class StatsResult(Result):
     histogram: torch.Tensor          # [3, H, W] 0..1, one panel per channel
 
     json_name = "stats"
+    frame_lines = 32                 # per-frame lines in the summary (all of them are in the JSON)
 
     def to_json(self) -> dict:
         return self.stats
 
     def summary(self) -> str:
-        """A few readable lines: each channel, the implied scale, then the families with this channel count."""
+        """A few readable lines: each channel, the implied scale, the families with this channel
+        count, then (video) each frame."""
         s = self.stats
-        lines = [f"latent {s['shape']} (B, C, h, w), {s['values_per_channel']} values per channel"]
+        video = " (all frames)" if "video" in s else ""
+        lines = [f"{describe(s['shape'])}, {s['values_per_channel']} values per channel{video}"]
         for row in s["channels"]:
             if row["mean"] is None:
                 lines.append(f"ch {row['channel']}: no finite values")
@@ -74,50 +97,88 @@ class StatsResult(Result):
         overall = s["overall"]
         lines.append(f"implied scale 1/std = {overall['implied_scale']:.5g}, implied shift (mean) = "
                      f"{overall['implied_shift']:.4g}" if overall["implied_scale"] else "implied scale: undefined (no spread)")
-        for fam in s["families"]:
-            if fam["channels_match"] and "scale_ratio" in fam:
-                lines.append(f"{fam['label']}: scale {fam['scale']:g}, shift {fam['shift']:g} -> model-space mean "
-                             f"{fam['model_space_mean']:.3g}, std {fam['model_space_std']:.3g} (ideal 0 and 1)")
-        return "\n".join(lines)
+        lines += [_family_line(fam) for fam in s["families"] if fam["channels_match"] and "scale_ratio" in fam]
+        return "\n".join(lines + _frame_lines(s.get("per_frame", []), self.frame_lines))
 
     def pictures(self) -> dict:
         return {"histogram": self.histogram}
 
 
+def _family_line(fam: dict) -> str:
+    space = (f"model-space mean {fam['model_space_mean']:.3g}, std {fam['model_space_std']:.3g} (ideal 0 and 1)")
+    if "channel_mean" in fam:
+        return f"{fam['label']}: per-channel mean and std, scale {fam['scale']:g} -> {space}"
+    return f"{fam['label']}: scale {fam['scale']:g}, shift {fam['shift']:g} -> {space}"
+
+
+def _frame_lines(per_frame: list[dict], limit: int) -> list[str]:
+    lines = []
+    for row in per_frame[:limit]:
+        o = row["overall"]
+        where = f"item {row['item']}, frame {row['frame']}"
+        lines.append(f"{where}: no finite values" if o["mean"] is None else
+                     f"{where}: mean {o['mean']:.4g}  std {o['std']:.4g}  min {o['min']:.4g}  max {o['max']:.4g}"
+                     + (f", {o['nonfinite']} non-finite" if o["nonfinite"] else ""))
+    if len(per_frame) > limit:
+        lines.append(f"... {len(per_frame) - limit} more frames in the JSON (per_frame)")
+    return lines
+
+
 def latent_statistics(z: torch.Tensor, *, bins: int = 64, clip_percentile: float = 0.5,
                       columns: int = 4) -> StatsResult:
-    """Statistics of `z [B, C, h, w]` over the whole batch and a histogram picture (see `histogram_image`)."""
+    """Statistics of `z [B, C, h, w]` (or a video latent `[B, C, T, h, w]`: over all frames, and per
+    frame) over the whole batch and a histogram picture (see `histogram_image`)."""
     if bins < 2:
         raise InputError("bins", f"{bins}", "at least 2")
     return StatsResult(channel_stats(z), histogram_image(z, bins, clip_percentile, columns))
 
 
-def _per_channel(z: torch.Tensor) -> np.ndarray:
-    """`[B, C, h, w]` → float64 `[C, B*h*w]` on the CPU."""
-    check_latent(z)
-    return z.detach().double().cpu().permute(1, 0, 2, 3).reshape(z.shape[1], -1).numpy()
+def _per_channel(frames: torch.Tensor) -> np.ndarray:
+    """Frames `[N, C, h, w]` → float64 `[C, N*h*w]` on the CPU."""
+    return frames.detach().double().cpu().permute(1, 0, 2, 3).reshape(frames.shape[1], -1).numpy()
+
+
+def _channel_rows(per_channel: np.ndarray, percentiles) -> tuple[list[dict], dict, np.ndarray]:
+    """(a row per channel, the row over all channels, the finite mask) of `[C, n]` values."""
+    finite = np.isfinite(per_channel)
+    channels = []
+    for i in range(per_channel.shape[0]):
+        row = {"channel": i, **_describe(per_channel[i][finite[i]], percentiles)}
+        row["nonfinite"] = int((~finite[i]).sum())
+        channels.append(row)
+    overall = _describe(per_channel[finite], percentiles)
+    overall["nonfinite"] = int((~finite).sum())
+    return channels, overall, finite
+
+
+FRAME_CHANNEL_KEYS = ("channel", "mean", "std", "min", "max", "nonfinite")
+
+
+def _frame_stats(frame: torch.Tensor, item: int, index: int, percentiles) -> dict:
+    """One frame `[1, C, h, w]` on its own: per channel mean/std/min/max/non-finite, and overall."""
+    channels, overall, _ = _channel_rows(_per_channel(frame), percentiles)
+    return {"item": item, "frame": index, "overall": overall,
+            "channels": [{k: row[k] for k in FRAME_CHANNEL_KEYS} for row in channels]}
 
 
 def channel_stats(z: torch.Tensor, percentiles=PERCENTILES) -> dict:
     """JSON-safe statistics over the whole batch: per channel and over all channels.
 
-    Non-finite values are counted (`nonfinite`) and left out of every statistic.
+    Non-finite values are counted (`nonfinite`) and left out of every statistic. A video latent
+    adds `video` (items, frames) and `per_frame`: each frame measured alone.
     """
-    per_channel = _per_channel(z)
-    b, c, h, w = z.shape
-    finite = np.isfinite(per_channel)
-    channels = []
-    for i in range(c):
-        row = {"channel": i, **_describe(per_channel[i][finite[i]], percentiles)}
-        row["nonfinite"] = int((~finite[i]).sum())
-        channels.append(row)
-    all_values = per_channel[finite]
-    overall = _describe(all_values, percentiles)
-    overall["nonfinite"] = int((~finite).sum())
-    return {
-        "shape": [b, c, h, w], "values_per_channel": b * h * w, "percentile_levels": list(percentiles),
-        "channels": channels, "overall": overall, "families": _family_view(all_values, c, overall),
+    frames, layout = fold(z)
+    per_channel = _per_channel(frames)
+    channels, overall, finite = _channel_rows(per_channel, percentiles)
+    h, w = frames.shape[-2:]
+    stats = {
+        "shape": list(z.shape), "values_per_channel": layout.count * h * w, "percentile_levels": list(percentiles),
+        "channels": channels, "overall": overall, "families": _family_view(per_channel, finite, overall, layout.video),
     }
+    if layout.video:
+        stats["video"] = layout.to_json()
+        stats["per_frame"] = [_frame_stats(frames[i:i + 1], *layout.where(i), percentiles) for i in range(layout.count)]
+    return stats
 
 
 # ---------------------------------------------------------------- histogram picture
@@ -158,11 +219,12 @@ def _draw_panel(draw: ImageDraw.ImageDraw, ox: int, oy: int, values: np.ndarray,
 
 
 def histogram_image(z: torch.Tensor, bins: int = 64, clip_percentile: float = 0.5, columns: int = 4) -> torch.Tensor:
-    """One histogram per channel, on a shared x range (the `clip_percentile`..100-`clip_percentile`
+    """One histogram per channel (a video latent: over all its frames), on a shared x range (the `clip_percentile`..100-`clip_percentile`
     range over all channels, so rare spikes do not squash the rest; values outside are piled into
     the end bins and counted in the title). Orange line: the channel mean. Returns `[3, H, W]` 0..1.
     """
-    per_channel = _per_channel(z)
+    frames, _ = fold(z)
+    per_channel = _per_channel(frames)
     c = z.shape[1]
     finite_all = per_channel[np.isfinite(per_channel)]
     if finite_all.size:

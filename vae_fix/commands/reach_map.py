@@ -16,7 +16,8 @@ def add_reach_arguments(p, cmap_default: str = "magma") -> None:
     """The options both reach commands share with their nodes."""
     add_vae_arguments(p)
     add_latent_source(p)
-    p.add_argument("--index", type=int, default=0, help="which latent of a batch (default 0)")
+    p.add_argument("--index", type=int, default=0, help="which latent of a batch (default 0); a video latent: which "
+                   "latent frame, counted item by item (b*T + t), decoded alone")
     p.add_argument("--window", type=int, default=3, help="near field: cells around the cell (default 3)")
     p.add_argument("--mode", choices=MODES, default="median",
                    help="perturbation: neighbours' median (default), zero, or scale by --factor")

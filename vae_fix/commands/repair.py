@@ -9,7 +9,8 @@ from ._common import (add_latent_source, add_output_arguments, add_vae_arguments
 NAME = "repair"
 HELP = ("Replace anomalous latent cells by the median of their neighbours before decoding and report "
         "what changed: reach of the cells, the fast reach map's worst cell and the image, before and "
-        "after. Cells come from the posterior (with --image) or from latent outliers (with --latent).")
+        "after. Cells come from the posterior (with --image) or from latent outliers (with --latent). A video "
+        "latent [B, C, T, h, w] is repaired frame by frame from its outliers, each frame decoded alone.")
 
 
 def add_arguments(p) -> None:

@@ -6,7 +6,8 @@ from ._common import add_latent_source, add_output_arguments, add_vae_arguments,
 
 NAME = "stats"
 HELP = ("Per-channel statistics of latents (mean, std, min, max, percentiles), the scale factor and "
-        "shift they imply next to the known families' values, and a histogram per channel.")
+        "shift they imply next to the known families' values, and a histogram per channel. A video latent "
+        "[B, C, T, h, w] is measured over all frames and per frame.")
 
 
 def add_arguments(p) -> None:
