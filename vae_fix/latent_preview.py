@@ -157,16 +157,9 @@ def likelier_family(z: torch.Tensor, matches: list[LatentFamily]) -> tuple[Laten
     """Of several families with z's channel count, the one whose sampler scale fits z's spread:
     `scale` is 1 / std of a family's raw latents (SD1.x 0.18215, SDXL 0.13025; SD3 1.5305, Flux
     0.3611), so the family with the least |log(std(z - shift) * scale)| wins; returns it and why.
-    Families that shift and scale each channel (Wan) are measured the same way, in model space:
-    the least |log(RMS((z - shift_c) * scale_c))|."""
+    With a family that shifts and scales each channel (Wan) see `_likelier_in_model_space`."""
     if any(f.per_channel for f in matches):
-        x = z.detach().float().cpu()
-        spread = {f.name: _model_spread(x, f) for f in matches}
-        best = min(matches, key=lambda f: abs(math.log(max(spread[f.name], 1e-12))))
-        others = ", ".join(f"{f.name} {spread[f.name]:.2f}" for f in matches if f is not best)
-        return best, (f"'auto' chose {best.name} of {', '.join(f.name for f in matches)}: in {best.name}'s model "
-                      f"space the latent's spread is {spread[best.name]:.2f}, the closest to 1 (its own latents'; "
-                      f"{others})")
+        return _likelier_in_model_space(z, matches)
     x = z.detach().float().cpu()
     x = x[torch.isfinite(x)]
     spread = {f.name: float((x - f.shift).pow(2).mean().sqrt()) if x.numel() else 0.0 for f in matches}
@@ -175,6 +168,19 @@ def likelier_family(z: torch.Tensor, matches: list[LatentFamily]) -> tuple[Laten
     others = ", ".join(f"{f.name} {1 / f.scale:.2f}" for f in matches if f is not best)
     return best, (f"'auto' chose {best.name} of {', '.join(f.name for f in matches)}: the latent's spread "
                   f"{std:.2f} is closest to {best.name}'s {1 / best.scale:.2f} (1 / its scale; {others})")
+
+
+def _likelier_in_model_space(z: torch.Tensor, matches: list[LatentFamily]) -> tuple[LatentFamily, str]:
+    """The family in whose model space z's RMS is closest to 1 (its own latents'): the least
+    |log(RMS((z - shift_c) * scale_c))|, for families that shift and scale each channel (Wan 2.1
+    against HunyuanVideo's one scale); returns it and why."""
+    x = z.detach().float().cpu()
+    spread = {f.name: _model_spread(x, f) for f in matches}
+    best = min(matches, key=lambda f: abs(math.log(max(spread[f.name], 1e-12))))
+    others = ", ".join(f"{f.name} {spread[f.name]:.2f}" for f in matches if f is not best)
+    return best, (f"'auto' chose {best.name} of {', '.join(f.name for f in matches)}: in {best.name}'s model "
+                  f"space the latent's spread is {spread[best.name]:.2f}, the closest to 1 (its own latents'; "
+                  f"{others})")
 
 
 def choose_family(channels: int, family: str, can_fit: bool, input_name: str = "family",

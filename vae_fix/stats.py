@@ -45,29 +45,28 @@ def _model_values(per_channel: np.ndarray, finite: np.ndarray, fam) -> np.ndarra
     return np.concatenate([(per_channel[i][finite[i]] - shift[i]) * scale[i] for i in range(len(shift))])
 
 
-def _family_view(per_channel: np.ndarray, finite: np.ndarray, overall: dict, video: bool) -> list[dict]:
-    """Each known family of the latent's kind (image or video): how the latent looks in its model
-    space; `scale_ratio` 1.0 when the data fits it (per-channel families: 1 / model-space std)."""
-    values, channels = per_channel[finite], per_channel.shape[0]
-    rows = []
-    for fam in families_of_kind(video):
-        row = fam.to_dict()
-        row["channels_match"] = fam.channels == channels
-        if fam.per_channel:
-            if row["channels_match"] and values.size:
-                model = _model_values(per_channel, finite, fam)
-                row["model_space_mean"], row["model_space_std"] = float(model.mean()), float(model.std())
-                if row["model_space_std"] > 0:
-                    row["scale_ratio"] = 1.0 / row["model_space_std"]
-            rows.append(row)
-            continue
-        if values.size:
-            model = (values - fam.shift) * fam.scale
+def _family_row(fam, per_channel: np.ndarray, finite: np.ndarray, overall: dict) -> dict:
+    """How the latent looks in `fam`'s model space; `scale_ratio` 1.0 when the data fits it."""
+    row = dict(fam.to_dict(), channels_match=fam.channels == per_channel.shape[0])
+    values = per_channel[finite]
+    if fam.per_channel:  # Wan, Mochi: only a latent with their channels has a model space
+        if row["channels_match"] and values.size:
+            model = _model_values(per_channel, finite, fam)
             row["model_space_mean"], row["model_space_std"] = float(model.mean()), float(model.std())
-        if overall["implied_scale"]:
-            row["scale_ratio"] = overall["implied_scale"] / fam.scale  # 1.0: the data fits this family
-        rows.append(row)
-    return rows
+            if row["model_space_std"] > 0:
+                row["scale_ratio"] = 1.0 / row["model_space_std"]
+        return row
+    if values.size:
+        model = (values - fam.shift) * fam.scale
+        row["model_space_mean"], row["model_space_std"] = float(model.mean()), float(model.std())
+    if overall["implied_scale"]:
+        row["scale_ratio"] = overall["implied_scale"] / fam.scale  # 1.0: the data fits this family
+    return row
+
+
+def _family_view(per_channel: np.ndarray, finite: np.ndarray, overall: dict, video: bool) -> list[dict]:
+    """A row (`_family_row`) for each known family of the latent's kind: image, or video."""
+    return [_family_row(fam, per_channel, finite, overall) for fam in families_of_kind(video)]
 
 
 @dataclass
