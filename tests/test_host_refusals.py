@@ -24,14 +24,13 @@ pytestmark = pytest.mark.host
       ("4", channel_edit(["3", 0], operation="zero", mask=["m", 0]))),
      "VAEFixLatentChannelEdit", ("mask", "aspect")),
     ((("4", cell_reach(["1", 0], ["3", 0], cells="9,21; 40,3")),), "VAEFixLatentCellReach", ("cells", "(40, 3)", "32x32")),
-    ((("4", reach_map(["1", 0], ["3", 0], window=20)),), "VAEFixLatentReachMap", ("window", "no far field")),
     ((("4", {"class_type": "VAEFixLatentPreviewRGB", "inputs": {"latent": ["3", 0], "family": "SD3", "scale": 4}}),),
      "VAEFixLatentPreviewRGB", ("family", "16 channels", "this one has 4")),
     ((("4", {"class_type": "VAEFixLatentPreviewRGB", "inputs": {"latent": ["3", 0], "family": "fit from the VAE",
                                                               "scale": 4}}),), "VAEFixLatentPreviewRGB", ("vae",)),
     ((("4", repair_node(["1", 0], ["3", 0], source="posterior anomalies (needs image)")),), "VAEFixRepairLatent", ("image",)),
     ((("4", compare_node(["1", 0], ["1", 0], ["2", 0], name_b="A")),), "VAEFixCompareVAEs", ("names", "'A'")),
-], ids=["channel_out_of_range", "swap_overlap", "mask_wrong_shape", "cell_outside", "window_too_large",
+], ids=["channel_out_of_range", "swap_overlap", "mask_wrong_shape", "cell_outside",
         "preview_wrong_family", "fit_without_vae", "posterior_without_image", "same_names"])
 def test_bad_inputs_are_node_errors(host, nodes, node_type, words):
     prompt = encoded(CLEAN, IMAGE, *nodes, ("out", preview_text(["4", 0])))

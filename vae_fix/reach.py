@@ -18,7 +18,7 @@ from .codec import Codec
 from .errors import InputError
 from .frames import fold
 from .progress import ProgressFn, Steps
-from .reach_measure import (MODES, CellReach, check_mode, exact_inputs, exact_reach, fast_reach_map, fitted_from,  # noqa: F401
+from .reach_measure import (MODES, CellReach, check_mode, exact_inputs, exact_reach, fast_reach_map, fit_window, fitted_from,  # noqa: F401
                             measure_cells, near_box, neighbour_median, perturbation, reach_to_map, summarize_map,
                             top_cells)  # the measures too, for the features that use them (repair, compare)
 from .result import Result
@@ -238,6 +238,7 @@ def cell_reach(codec: Codec, z: torch.Tensor, cells=None, *, mode: str = "median
     viz.colormap_lut(cmap)
     frames, layout = fold(z)
     video = layout.decoded_settings(layout.frame_index(index)) if layout.video else {}
+    asked, window = window, fit_window(window, *frames.shape[-2:])  # a small latent shrinks it, and says so
     fast, selection = None, "all" if isinstance(cells, str) and cells == "all" else "given"
     if cells is None:  # progress: the reach map's backward passes, then one step per measured cell
         _check_top(top)
@@ -256,5 +257,7 @@ def cell_reach(codec: Codec, z: torch.Tensor, cells=None, *, mode: str = "median
     reach.sort(key=lambda r: r.mean_far, reverse=True)
     change = ((changed.clamp(-1, 1) - base[0].clamp(-1, 1)).abs() / 2).mean(0).cpu()  # as VAE Decode shows it
     settings = {"mode": mode, "factor": factor if mode == "scale" else None, "window": window, "index": index, **video}
+    if window != asked:
+        settings["window_fitted_from"] = asked
     return CellReachResult(reach, change, tuple(z1.shape[-2:]), base.shape[-2] // z1.shape[-2], settings,
                            selection, cmap, fast, dict(codec.info))

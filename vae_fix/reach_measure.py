@@ -80,8 +80,9 @@ def _check_window(window: int, h: int, w: int) -> None:
     if not isinstance(window, int) or window < 0:
         raise InputError("window", f"{window!r}", "a whole number of latent cells >= 0")
     if 2 * window + 1 >= max(h, w):
-        raise InputError("window", f"{window} cells leaves no far field on a {h}x{w} latent",
-                         f"a window below {(max(h, w) - 1) // 2} cells")
+        expected = (f"a window of at most {(max(h, w) - 2) // 2} cells" if max(h, w) > 1
+                    else "a latent of at least 2 cells (this one is a single cell: nothing is far from it)")
+        raise InputError("window", f"{window} cells leaves no far field on a {h}x{w} latent", expected)
 
 
 def _pick(z: torch.Tensor, index: int) -> torch.Tensor:
@@ -245,14 +246,13 @@ def _check_blocks(blocks: int, window: int, h: int, w: int) -> None:
 def fit_grid(window: int, blocks: int, h: int, w: int) -> tuple[int, int]:
     """(window, blocks) that fit an `h x w` latent, so that a small latent gets a map, not a refusal:
     a smaller window first (down to 1), then fewer regions (down to 2), then window 0. The 16x16
-    latent of a 128 px image gets window 2 with 3x3 regions, the 8x8 of a 64 px one window 1 with 2x2.
-    Values that fit come back unchanged; nonsense (negative, not whole, a window that alone leaves
-    no far field) is left for the checks to refuse. With 2 regions, cells whose window touches every
+    latent of a 128 px image gets window 2 with 3x3 regions, the 8x8 of a 64 px one window 1 with 2x2,
+    the 2x2 of a 32x VAE window 0 with 2x2. Values that fit come back unchanged; nonsense (negative,
+    not whole) is left for the checks to refuse. With 2 regions, cells whose window touches every
     region have no far field to measure: their value is NaN (listed last, never a top cell)."""
-    if (not all(isinstance(v, int) and not isinstance(v, bool) for v in (window, blocks)) or window < 0
-            or blocks < 2 or 2 * window + 1 >= max(h, w)):
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (window, blocks)) or window < 0 or blocks < 2:
         return window, blocks
-    fits = lambda: min(h, w) >= blocks * (2 * window + 1)  # noqa: E731
+    fits = lambda: min(h, w) >= blocks * (2 * window + 1) and 2 * window + 1 < max(h, w)  # noqa: E731
     while window > 1 and not fits():
         window -= 1
     while blocks > 2 and not fits():
@@ -260,6 +260,15 @@ def fit_grid(window: int, blocks: int, h: int, w: int) -> tuple[int, int]:
     while window > 0 and not fits():
         window -= 1
     return window, blocks
+
+
+def fit_window(window: int, h: int, w: int) -> int:
+    """The near-field window, shrunk until something lies beyond it on an `h x w` latent (exact
+    measures have no regions to fit); nonsense (negative, not whole) is left for the checks."""
+    if isinstance(window, int) and not isinstance(window, bool) and window > 0:
+        while window > 0 and 2 * window + 1 >= max(h, w):
+            window -= 1
+    return window
 
 
 def fitted_from(fast: FastReach, window: int, blocks: int = 3) -> dict:

@@ -33,7 +33,7 @@ from .anomaly import DEFAULT_MEAN_THRESHOLD, DEFAULT_MIN_MEAN_DEV, MAD_TO_SIGMA,
 from .codec import Codec
 from .errors import InputError
 from .frames import FRAMES_DECODED, FrameLayout, check_latent, fold
-from .reach import exact_reach, fast_reach_map, fitted_from, near_box, neighbour_median, summarize_map
+from .reach import exact_reach, fast_reach_map, fit_window, fitted_from, near_box, neighbour_median, summarize_map
 from .posterior import read_posterior
 from .progress import ProgressFn, Steps
 from .result import Result
@@ -193,6 +193,7 @@ def repair(codec: Codec, z: torch.Tensor, *, source: str = "auto", image: Option
     decode, decode_grad = codec.need_decoder(), codec.need_decoder(grad=True) if fast_map else None
     source = resolve_source(source, image, layout.video)
     b, _, h, w = frames.shape
+    asked, window = window, fit_window(window, h, w)  # a small latent (32x VAE at 64 px: 2x2) shrinks it
     steps = Steps(progress, (source == "posterior") + 2 + b * (1 + 2 * fast_map))
     threshold = posterior_threshold if source == "posterior" else latent_threshold
     mask, scores = flagged_cells(codec, frames, source, image, threshold)
@@ -221,6 +222,8 @@ def repair(codec: Codec, z: torch.Tensor, *, source: str = "auto", image: Option
         images.append(entry)
     report = {"source": source, "window": window, "downscale": ds, "latent_shape": list(z.shape),
               "repaired_cells": int(mask.sum()), "images": images, "method": METHOD, "vae": codec.info}
+    if window != asked:
+        report["window_fitted_from"] = asked
     if layout.video:
         report["video"] = dict(layout.to_json(), decoded=FRAMES_DECODED)
     if inputs:
