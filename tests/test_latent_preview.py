@@ -79,12 +79,28 @@ def test_latent_preview_chooses_and_checks():
     assert latent_preview(z16, "flux").map.source == "flux"
     with pytest.raises(InputError, match=r"sd3 latents have 16 channels, this one has 4.*sd1, sdxl"):
         latent_preview(z4, "sd3")
-    with pytest.raises(InputError, match="'auto' cannot choose for 8 channels"):
-        latent_preview(z8, "auto")  # no known family, no VAE to fit with
+    unknown = latent_preview(z8, "auto")  # no known family, no VAE to fit with: principal components, said
+    assert unknown.map.source == "principal components" and "knows no family with 8 channels" in unknown.chosen
     with pytest.raises(InputError, match="Invalid vae: a fitted preview map needs a VAE"):
         latent_preview(z8, "fit")
     with pytest.raises(InputError, match="8 channels for a sd1 preview of 4"):
         family_preview("sd1").rgb(z8)
+
+
+def test_principal_components_show_the_latents_own_structure():
+    """A 5-channel latent built from three known patterns: the map's RGB spans exactly those patterns
+    (each output channel is a combination of them and a constant), centred, two standard deviations at +-1."""
+    g = torch.Generator().manual_seed(0)
+    patterns = torch.randn(3, 16, 16, generator=g)           # [3, h, w]
+    mix = torch.randn(5, 3, generator=g)                      # each channel a mix of the patterns
+    z = torch.einsum("cp,phw->chw", mix, patterns)[None] + 0.5
+    result = latent_preview(z, "auto")
+    rgb = result.map.rgb(z)[0].reshape(3, -1).double()       # [3, h*w]
+    basis = torch.cat([patterns.reshape(3, -1), torch.ones(1, 256)]).double()  # the patterns, and a constant
+    coef = torch.linalg.lstsq(basis.T, rgb.T).solution        # rgb explained by the patterns alone
+    assert float((basis.T @ coef - rgb.T).abs().max()) < 1e-4
+    assert torch.allclose(rgb.std(dim=1), torch.full((3,), 0.5, dtype=torch.float64), atol=1e-3)
+    assert torch.allclose(rgb.mean(dim=1), torch.zeros(3, dtype=torch.float64), atol=1e-5)
 
 
 def test_fit_linear_checks_shapes():
@@ -130,9 +146,10 @@ def test_cli_preview_auto_without_a_vae_names_its_choice(tmp_path, capsys):
     assert main(["preview", "--latent", str(path), "--out", str(tmp_path / "o")]) == 0
     assert strict_json(tmp_path / "o" / "info.json")["chosen"].startswith("'auto' chose sd1 of sd1, sdxl")
     path8 = write_latent(torch.randn(1, 8, 8, 8), tmp_path / "z8.latent")
-    assert main(["preview", "--latent", str(path8), "--out", str(tmp_path / "o8")]) == 2
-    assert "Invalid --family: 'auto' cannot choose for 8 channels" in capsys.readouterr().err
-    assert not (tmp_path / "o8").exists()
+    assert main(["preview", "--latent", str(path8), "--out", str(tmp_path / "o8")]) == 0
+    assert strict_json(tmp_path / "o8" / "info.json")["source"] == "principal components"
+    assert main(["preview", "--latent", str(path8), "--out", str(tmp_path / "o9"), "--family", "fit"]) == 2
+    assert "needs a VAE" in capsys.readouterr().err and not (tmp_path / "o9").exists()
     path16 = write_latent(torch.randn(1, 16, 8, 8), tmp_path / "z16.latent")
     assert main(["preview", "--latent", str(path16), "--out", str(tmp_path / "o16"), "--family", "flux"]) == 0
     assert strict_json(tmp_path / "o16" / "info.json")["source"] == "flux"

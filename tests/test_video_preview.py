@@ -132,14 +132,18 @@ def test_a_named_family_needs_only_the_channel_count():
 
 
 @pytest.mark.parametrize("z,family,needle", [
-    (torch.randn(1, 64, 2, 4, 4), "auto", r"Invalid family: 'auto' cannot choose for a 64-channel video latent "
-                                          r"\(known video families and their channels: wan21 16, wan22 48"),
     (torch.randn(1, 16, 2, 4, 4), "wan22", "Invalid family: wan22 latents have 48 channels, this one has 16"),
     (torch.randn(1, 16, 2, 4, 4), "fit", "Invalid vae: a fitted preview map needs a VAE"),
 ])
 def test_video_preview_refusals_are_named(z, family, needle):
     with pytest.raises(InputError, match=needle):
         latent_preview(z, family)
+
+
+def test_auto_on_a_video_latent_no_family_describes_shows_principal_components_and_says_so():
+    result = latent_preview(torch.randn(1, 64, 2, 4, 4), "auto")   # the Hunyuan Image refiner's packed latent
+    assert result.map.source == "principal components" and result.images.shape[0] == 2
+    assert "knows no video family with 64 channels (known: wan21 16, wan22 48" in result.chosen
 
 
 def test_a_fit_on_a_video_latent_decodes_the_first_frame_alone():

@@ -73,6 +73,20 @@ def family_preview(family) -> LinearPreview:
     return LinearPreview(weight.float(), bias.float(), fam.name)
 
 
+def principal_preview(z: torch.Tensor) -> LinearPreview:
+    """A map for a latent no family describes and no VAE can fit: its channels' first three principal
+    components (over every cell of every frame), each scaled so two standard deviations reach +-1."""
+    frames, _ = fold(z)
+    x = frames.detach().float().cpu().movedim(1, -1).reshape(-1, frames.shape[1]).double()  # [N, C]
+    mean = x.mean(0)
+    _, sv, vt = torch.linalg.svd(x - mean, full_matrices=False)
+    k = min(3, vt.shape[0])
+    std = (sv[:k] / max(1, x.shape[0] - 1) ** 0.5).clamp_min(1e-12)
+    weight = torch.zeros(x.shape[1], 3, dtype=torch.float64)
+    weight[:, :k] = vt[:k].T / (2 * std)
+    return LinearPreview(weight.float(), (-mean @ weight).float(), "principal components")
+
+
 def pooled_target(image: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """Decoded `[B, 3, H, W]` → its mean over each latent cell's pixels `[B, 3, h, w]`."""
     return F.adaptive_avg_pool2d(image.detach().float().cpu(), (h, w))
@@ -197,13 +211,11 @@ def choose_family(channels: int, family: str, can_fit: bool, input_name: str = "
             return (matches[0] if len(matches) == 1 else None), ""
         if matches and z is not None:
             return likelier_family(z, matches)
-        if video:
-            known = ", ".join(f"{f.name} {f.channels}" for f in families_of_kind(True))
-            raise InputError(input_name, f"'auto' cannot choose for a {channels}-channel video latent (known video "
-                             f"families and their channels: {known})", "a family name, or a VAE to fit a map")
-        names = ", ".join(f.name for f in matches) or "none"
-        raise InputError(input_name, f"'auto' cannot choose for {channels} channels (known: {names})",
-                         "a family name, or a VAE to fit a map")
+        kind = "video " if video else ""
+        known = ", ".join(f"{f.name} {f.channels}" for f in families_of_kind(video))
+        return None, (f"'auto' knows no {kind}family with {channels} channels (known: {known}) and no VAE was given: "
+                      "red, green and blue are this latent's first three principal components; connect the VAE "
+                      "for a map fitted to its decoder")
     fam = get_family(family, input_name)
     if fam.channels != channels:
         names = ", ".join(f.name for f in matches) or "no known family"
@@ -219,7 +231,10 @@ def latent_preview(z: torch.Tensor, family: str = "auto", codec: Optional[Codec]
     the first latent (first frame) by `codec`."""
     _, layout = fold(z)
     fam, note = choose_family(z.shape[1], family, codec is not None, z=z, video=layout.video)
-    if fam is None and codec is None:
+    if fam is None and codec is None and family != "auto":
         raise InputError("vae", "a fitted preview map needs a VAE to decode with", "a VAE, or a family name")
-    linear = family_preview(fam) if fam is not None else fit_preview(z, codec.need_decoder())
+    if fam is not None:
+        linear = family_preview(fam)
+    else:
+        linear = fit_preview(z, codec.need_decoder()) if codec is not None else principal_preview(z)
     return PreviewResult(linear, linear.image(z, scale), note, layout if layout.video else None)
