@@ -8,6 +8,7 @@ that takes a VAE, an image or a latent runs in its own prompt with the widgets a
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -24,8 +25,8 @@ KL_ONLY = {"VAEFixFp16Fix"}                     # rescales the KL-F8 family's we
 FILE_NODES = {"VAEFixLoadVAE", "VAEFixConvertVAE"}  # take a file, not a VAE: tested with the loader
 FAMILY_NAMES = {"wan21": "Wan 2.1 / Qwen-Image (16 channels)", "hunyuan_video": "HunyuanVideo 1.0 (3-D KL)",
                 "mochi": "Mochi (12 channels)", "ltxv": "LTXV (128 channels, 32x)"}
-NEEDS_DECODER = {"VAEFixLatentReachMap", "VAEFixLatentCellReach", "VAEFixRepairLatent", "VAEFixCompareVAEs",
-                 "VAEFixSafeVAEDecode"}
+NEEDS_DECODER = {"VAEFixLatentReachMap", "VAEFixLatentCellReach", "VAEFixRepairLatent", "VAEFixCompareVAEs"}
+# (Safe VAE Decode runs the host's own decode, which takes each family's own latents)
 
 
 @pytest.fixture(scope="module")
@@ -80,15 +81,18 @@ def expected_refusal(family: str, class_type: str) -> str | None:
 @pytest.mark.parametrize("family", GAUSSIAN)
 def test_every_pack_node_runs_on_the_family_with_its_defaults(host, photo, object_info, family):
     name, built = family_vae(host, family)
-    results = {}
+    results, seconds = {}, {}
     for class_type in pack_nodes(object_info):
+        start = time.monotonic()
         entry = host.run(node_prompt(object_info, class_type, name, photo), timeout=600)
+        seconds[class_type] = round(time.monotonic() - start, 1)
         refusal = expected_refusal(family, class_type)
         if refusal is None:
             results[class_type] = "ok" if entry["status"]["status_str"] == "success" else failed(entry)["exception_message"][:300]
         else:
             err = failed(entry)["exception_message"]
             results[class_type] = "refused" if refusal in err else f"wrong refusal: {err[:300]}"
+    print(f"{family}: seconds per node {seconds}")
     bad = {k: v for k, v in results.items() if v not in ("ok", "refused")}
     assert not bad, f"{family} ({built['model']}): {json.dumps(bad, indent=1)}"
 
