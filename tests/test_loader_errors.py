@@ -254,3 +254,22 @@ def test_config_json_is_checked_against_the_inferred_norm_groups():
     layouts.check_diffusers_config(said, config, False, "config.json")
     with pytest.raises(VAELoadError, match=r"norm_num_groups is 32 in config.json but 16 in the weights.*GroupNorm\(16\)"):
         layouts.check_diffusers_config(said, replace(config, norm_groups=16), False, "config.json")
+
+
+def test_check_finite_names_the_non_finite_weights_of_any_family_and_leaves_counters_alone():
+    from vae_fix.loader import check_finite
+    sd = {"encoder.conv1.weight": torch.ones(2, 3), "decoder.head.0.gamma": torch.tensor([1.0, float("nan"), float("inf")]),
+          "backbone.1.0.block.0.1.num_batches_tracked": torch.tensor(7)}  # an integer counter (Stable Cascade)
+    with pytest.raises(VAELoadError) as e:
+        check_finite(sd, "wan.safetensors")
+    assert "'wan.safetensors'" in message(e) and "1 tensors contain NaN" in message(e)
+    assert "decoder.head.0.gamma (1 NaN, 1 inf)" in message(e) and "encoder.conv1.weight" not in message(e)
+    check_finite({k: v for k, v in sd.items() if "gamma" not in k}, "wan.safetensors")  # nothing to say
+
+
+def test_validate_weights_is_read_vae_on_what_a_container_held(tmp_path):
+    from vae_fix.containers import read_container
+    from vae_fix.loader import validate_weights
+    path = write_vae(tmp_path, "sd", layout="diffusers")
+    read, validated = read_vae(path), validate_weights(read_container(path), str(path))
+    assert validated.info() == read.info() and validated.state_dict.keys() == read.state_dict.keys()

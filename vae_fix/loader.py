@@ -32,7 +32,7 @@ from .containers import (
     write_safetensors,
 )
 from .errors import InputError, VAELoadError
-from .model import AutoencoderKL, VAEConfig, infer_config, is_foreign_decoder
+from .model import AutoencoderKL, VAEConfig, check_padding, infer_config, is_foreign_decoder, set_padding
 from .result import Result
 
 CONFIG_META_KEY = "vae_fix.diffusers_config"  # diffusers-only settings kept inside CompVis files
@@ -84,6 +84,7 @@ class VAEFile(Result):
 class LoadedVAE:
     model: AutoencoderKL
     file: VAEFile
+    padding: str = "zeros"  # how its convolutions pad the border (model.PADDING_MODES)
 
     @property
     def config(self) -> VAEConfig:
@@ -92,7 +93,7 @@ class LoadedVAE:
     def info(self) -> dict:
         p = next(self.model.parameters())
         return {**self.file.info(), "device": str(p.device), "dtype": str(p.dtype).replace("torch.", ""),
-                "parameters": sum(t.numel() for t in self.model.parameters())}
+                "padding": self.padding, "parameters": sum(t.numel() for t in self.model.parameters())}
 
     def codec(self, name: str | None = None, input_name: str = "--vae"):
         """This model as the engine's `Codec` (what every feature that needs a VAE takes)."""
@@ -104,14 +105,23 @@ class LoadedVAE:
 
 def read_vae(path) -> VAEFile:
     """Read and validate a VAE in any supported container and layout (tensors stay on CPU)."""
-    return _validate(read_container(Path(path)), str(path))
+    return validate_weights(read_container(Path(path)), str(path))
 
 
-def load_vae(path, device="cpu", dtype: torch.dtype = torch.float32) -> LoadedVAE:
-    """Read, validate and build the model: eval mode, requires_grad False, on `device` in `dtype`.
+def validate_weights(raw: RawWeights, path: str) -> VAEFile:
+    """The full KL validation of what a container held (`containers.read_container`), as `read_vae`
+    does it: layout, prefix, every key and shape of the architecture the shapes describe, finite
+    floating-point values. VAELoadError naming `path` otherwise."""
+    return _validate(raw, path)
+
+
+def load_vae(path, device="cpu", dtype: torch.dtype = torch.float32, padding: str = "zeros") -> LoadedVAE:
+    """Read, validate and build the model: eval mode, requires_grad False, on `device` in `dtype`,
+    its convolutions padding with `padding` ('zeros' or 'reflect', for VAEs retrained with reflection).
 
     Where the file's dtype and `device` match, the parameters share storage with `file.state_dict`.
     """
+    check_padding(padding)  # before any reading
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise InputError("dtype", f"{dtype!r} is not a floating point torch dtype", "torch.float32, float16 or bfloat16")
     try:
@@ -119,10 +129,10 @@ def load_vae(path, device="cpu", dtype: torch.dtype = torch.float32) -> LoadedVA
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError, TypeError) as e:
         raise InputError("device", f"{device!r} cannot be used ({e})", "'cpu' or an available accelerator such as 'cuda'") from None
-    return build_model(read_vae(path), device, dtype)
+    return build_model(read_vae(path), device, dtype, padding)
 
 
-def build_model(file: VAEFile, device="cpu", dtype: torch.dtype = torch.float32) -> LoadedVAE:
+def build_model(file: VAEFile, device="cpu", dtype: torch.dtype = torch.float32, padding: str = "zeros") -> LoadedVAE:
     """The engine's model of a validated `VAEFile`: eval mode, requires_grad False."""
     with torch.device("meta"):
         model = AutoencoderKL(file.config)
@@ -130,7 +140,8 @@ def build_model(file: VAEFile, device="cpu", dtype: torch.dtype = torch.float32)
     # share storage with file.state_dict (treat both as read-only).
     weights = {k: v.to(device=device, dtype=dtype) for k, v in file.state_dict.items()}
     model.load_state_dict(weights, strict=True, assign=True)
-    return LoadedVAE(model.eval().requires_grad_(False), file)
+    set_padding(model, padding)
+    return LoadedVAE(model.eval().requires_grad_(False), file, padding)
 
 
 def vae_from_state_dict(sd: dict, name: str = "<state dict>") -> VAEFile:
@@ -270,6 +281,13 @@ def _check_values(sd: dict, where: str) -> None:
     not_float = [f"{k} ({v.dtype})" for k, v in sd.items() if not v.is_floating_point()]
     if not_float:
         raise VAELoadError(where, "some weights are not floating point", "float32, float16 or bfloat16 weights", not_float)
+    check_finite(sd, where)
+
+
+def check_finite(sd: dict, where: str) -> None:
+    """VAELoadError naming every floating-point tensor that holds NaN or inf (integer tensors, such
+    as a batch-norm's counter, are left alone)."""
+    sd = {k: v for k, v in sd.items() if v.is_floating_point()}
     bad = [_non_finite(k, v) for group in _groups(sd) if not _all_finite(group.values()) for k, v in group.items()]
     bad = [b for b in bad if b]
     if bad:

@@ -17,10 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import InputError
+
 NORM_GROUPS = 32  # every KL-F8 family uses GroupNorm(32, eps=1e-6)
 NORM_EPS = 1e-6
 MAX_LEVELS = 8    # downscale 128: beyond any family (SD 8x, Hunyuan Image 32x)
 MAX_BLOCKS = 16   # res blocks per level (SD: 2)
+PADDING_MODES = ("zeros", "reflect")  # "reflect": VAEs retrained with reflection padding (EQ-VAE style)
 
 
 @dataclass(frozen=True)
@@ -251,6 +254,28 @@ def _add(fresh, other):
 def _linear(x, conv: nn.Conv2d):
     """A 1×1 conv applied to `[B, N, C]` as a matrix product."""
     return F.linear(x, conv.weight.reshape(conv.out_channels, conv.in_channels), conv.bias)
+
+
+def set_padding(model: nn.Module, mode: str = "zeros") -> int:
+    """Set how every padded 2-D convolution of `model` pads its border ('zeros', as trained by
+    CompVis, or 'reflect'); any torch module, the engine's or a host's. Returns how many convolutions
+    pad (the asymmetric zero pad before a strided downsample is not a convolution's and stays)."""
+    check_padding(mode)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and _pads(m)]
+    for conv in convs:
+        conv.padding_mode = mode
+    return len(convs)
+
+
+def check_padding(mode: str) -> str:
+    """`mode` when it is one of PADDING_MODES; InputError naming them otherwise."""
+    if mode not in PADDING_MODES:
+        raise InputError("padding", f"{mode!r} is not a padding mode", " or ".join(repr(m) for m in PADDING_MODES))
+    return mode
+
+
+def _pads(conv: nn.Conv2d) -> bool:
+    return conv.padding == "same" if isinstance(conv.padding, str) else any(p > 0 for p in conv.padding)
 
 
 # ---------------------------------------------------------------- configuration from shapes

@@ -1,5 +1,5 @@
 """What every command shares, so a command's `run` only converts arguments, calls its engine
-feature and hands the result to `finish`: the VAE as a `Codec` (--vae, --device, --dtype), the
+feature and hands the result to `finish`: the VAE as a `Codec` (--vae, --padding, --device, --dtype), the
 output options (--out, --json, --quiet), terminal progress, and where a latent comes from (a latent
 file, or encoding an image with a VAE: the posterior mean, which is what ComfyUI's VAE Encode
 returns). Not a command: the CLI registry skips `_` modules.
@@ -15,6 +15,7 @@ from ..codec import DTYPE_CHOICES, parse_dtype
 from ..errors import InputError
 from ..images import load_image
 from ..latent_io import read_latent
+from ..model import PADDING_MODES
 from ..progress import terminal_progress
 from ..result import Result, check_out_dir, write_result
 
@@ -40,8 +41,16 @@ def _out_folder(text: str):
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def padding_flag(flag: str) -> str:
+    """The padding option of a VAE flag: --vae → --padding, --vae-a → --padding-a."""
+    return "--padding" + flag[len("--vae"):]
+
+
 def add_vae_arguments(p, flag: str = "--vae", required: bool = True, what: str = "VAE") -> None:
     p.add_argument(flag, required=required, help=f"{what} file (.safetensors/.ckpt/.pt/.pth/.bin) or diffusers folder")
+    p.add_argument(padding_flag(flag), choices=PADDING_MODES, default="zeros",
+                   help=f"how the {what}'s convolutions pad the image border: zeros (as trained by CompVis, the "
+                        "default) or reflect (for VAEs retrained with reflection padding, EQ-VAE style)")
     if not any(a.dest == "device" for a in p._actions):
         p.add_argument("--device", default="cpu", help="torch device for the model (default cpu)")
         p.add_argument("--dtype", choices=DTYPE_CHOICES, default="fp32", help="model dtype (default fp32)")
@@ -55,7 +64,8 @@ def load_codec(args, flag: str = "--vae", name: str | None = None):
     if not path:
         return None
     dtype = parse_dtype(args.dtype, "--dtype") or torch.float32
-    return load_vae(path, device=args.device, dtype=dtype).codec(name, input_name=flag)
+    padding = getattr(args, padding_flag(flag)[2:].replace("-", "_"))
+    return load_vae(path, device=args.device, dtype=dtype, padding=padding).codec(name, input_name=flag)
 
 
 def progress(args, label: str):

@@ -7,6 +7,7 @@ from ..builders.planted import demo_image
 from ..errors import InputError
 from ..fp16_fix import DEFAULT_HEADROOM, FP16_MAX, fixed_file, fp16_fix
 from ..images import load_image
+from ..model import PADDING_MODES
 from ..probes import SIZES, check_sizes, probe_images
 from ..result import check_out_dir, write_file_atomically
 from ._common import finish, new_safetensors_file, progress
@@ -19,6 +20,9 @@ HELP = ("Rescale a KL VAE's weights (exactly: every GroupNorm ignores the scale 
 
 def add_arguments(p) -> None:
     p.add_argument("--vae", required=True, help="VAE file (.safetensors/.ckpt/.pt/.pth/.bin) or diffusers folder")
+    p.add_argument("--padding", choices=PADDING_MODES, default="zeros",
+                   help="how the VAE's convolutions pad the border while activations are measured: zeros (default) "
+                        "or reflect (VAEs retrained with reflection padding)")
     p.add_argument("--out", required=True, metavar="FILE", help="the fixed VAE, a .safetensors file (not overwritten)")
     p.add_argument("--images", metavar="DIR", help="more calibration images (PNG/JPEG/WebP in DIR), beside the probes")
     p.add_argument("--headroom", type=float, default=DEFAULT_HEADROOM,
@@ -42,7 +46,7 @@ def run(args) -> int:
     images, names = probe_images(check_sizes(args.probe_sizes, "--probe-sizes"))
     extra = _user_images(args.images)
     held = [demo_image(s, s, None) for s in check_sizes(args.check_sizes, "--check-sizes")]
-    vae = load_vae(args.vae)
+    vae = load_vae(args.vae, padding=args.padding)
     result = fp16_fix(vae.model, images + [x for x, _ in extra], names + [n for _, n in extra], held_out=held,
                       held_out_names=[f"demo@{s}" for s in args.check_sizes], headroom=args.headroom,
                       progress=progress(args, "fp16-fix"))
