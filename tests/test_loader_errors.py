@@ -273,3 +273,14 @@ def test_validate_weights_is_read_vae_on_what_a_container_held(tmp_path):
     path = write_vae(tmp_path, "sd", layout="diffusers")
     read, validated = read_vae(path), validate_weights(read_container(path), str(path))
     assert validated.info() == read.info() and validated.state_dict.keys() == read.state_dict.keys()
+
+
+def test_check_finite_is_exact_in_every_stored_precision():
+    from vae_fix.loader import check_finite
+    big = torch.full((1 << 16,), 60000.0, dtype=torch.float16)  # finite, though any sum of it overflows
+    check_finite({"a.weight": big, "empty.weight": torch.zeros(0, 3)}, "big.safetensors")
+    for dtype in (torch.bfloat16, torch.float8_e4m3fn):  # aminmax has no float8 kernel: read as float32
+        bad = torch.ones(5, dtype=dtype)
+        bad[2] = float("nan")
+        with pytest.raises(VAELoadError, match=r"b\.weight \(1 NaN, 0 inf\)"):
+            check_finite({"a.weight": big, "b.weight": bad}, "mixed.safetensors")
