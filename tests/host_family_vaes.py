@@ -12,7 +12,11 @@ import os
 import subprocess
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
 from host_server import HostError, HostServer
+from vae_fix.probes import photo
 
 # family -> sentinel keys and the shapes the host reads off them (comfy/sd.py, VAE.__init__)
 SENTINELS = {
@@ -83,3 +87,14 @@ def family_vae(server: HostServer, family: str, seed: int = 0) -> tuple[str, dic
             raise HostError(f"could not build the {family} VAE:\n{done.stderr[-3000:]}")
         _BUILT[key] = json.loads(done.stdout.strip().splitlines()[-1])
     return name, _BUILT[key]
+
+
+CLIP = "pan_6_frames.webp"
+
+
+def write_clip(host, frames: int = 6, size: int = 64) -> str:
+    """An animated WebP of a photo panning right 4 px a frame: Load Image gives one image per frame."""
+    pan = (photo("chelsea", size + 4 * frames)[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    images = [Image.fromarray(pan[:size, 4 * t:4 * t + size]) for t in range(frames)]
+    images[0].save(host.input_dir / CLIP, save_all=True, append_images=images[1:], lossless=True, duration=100)
+    return CLIP

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from host_checkpoints import generation_models
+from host_family_vaes import family_vae, write_clip
 from host_models import IMAGE, SMUGGLER
 from host_server import PACK_FOLDER
 from run_cli import ROOT
@@ -29,6 +30,7 @@ WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
 VAE_ONLY = ["VAE Health Check", "Inspect a VAE for black holes", "Find the cell that smuggles",
             "Repair a latent before decoding", "Compare two VAEs"]
 GENERATION = ["SD1.5 text to image with a swapped VAE", "SD1.5 text to image with a channel edit", "SD1.5 generate, check, repair, decode"]
+VIDEO = ["Inspect a video VAE clip"]  # a Wan 2.1 VAE (random weights, the host's classes) and an animated clip
 TITLE = 30  # px the frontend draws a node's title above its `pos`
 
 
@@ -88,16 +90,16 @@ def test_every_node_is_found_by_search(host, page):
     page.screenshot(path=str(page.shots / "search.png"))
 
 
-def for_the_test(graph: dict) -> dict:
-    """The tests' files in place of the user's (as the API-twin host tests do); a text-to-image graph
-    keeps its file names (the fixture built them) and is CPU-sized: 64 px, 4 steps."""
+def for_the_test(graph: dict, files: tuple = (SMUGGLER, IMAGE)) -> dict:
+    """The tests' files (VAE, image) in place of the user's (as the API-twin host tests do); a
+    text-to-image graph keeps its file names (the fixture built them) and is CPU-sized: 64 px, 4 steps."""
     generation = any(n["type"] == "KSampler" for n in graph["nodes"])
     for node in graph["nodes"]:
         values = node.get("widgets_values")
         if node["type"] == "VAEFixLoadVAE" and not generation:
-            values[0] = SMUGGLER
+            values[0] = files[0]
         elif node["type"] == "LoadImage":
-            values[0] = IMAGE
+            values[0] = files[1]
         elif node["type"] == "EmptyLatentImage":
             values[0] = values[1] = 64
         elif node["type"] == "KSampler":
@@ -105,10 +107,10 @@ def for_the_test(graph: dict) -> dict:
     return graph
 
 
-def load(page, path: Path, for_run: bool = False) -> list[dict]:
+def load(page, path: Path, for_run: bool = False, files: tuple = (SMUGGLER, IMAGE)) -> list[dict]:
     graph = json.loads(path.read_text())
     if for_run:
-        graph = for_the_test(graph)
+        graph = for_the_test(graph, files)
     page.evaluate("(g) => app.loadGraphData(g)", graph)
     time.sleep(1.5)
     return page.evaluate("app.graph._nodes.map(n => ({id: n.id, type: n.type, pos: [n.pos[0], n.pos[1]], "
@@ -140,14 +142,17 @@ def test_the_overlap_check_sees_an_overlap():
 
 
 def test_every_workflow_is_run_by_the_browser_test():
-    assert sorted(VAE_ONLY + GENERATION) == [p.stem for p in WORKFLOWS]
+    assert sorted(VAE_ONLY + GENERATION + VIDEO) == [p.stem for p in WORKFLOWS]
 
 
-@pytest.mark.parametrize("name", VAE_ONLY + GENERATION)
+@pytest.mark.parametrize("name", VAE_ONLY + GENERATION + VIDEO)
 def test_workflows_run_from_the_page_and_nothing_overlaps_after(host, page, name):
+    files = (SMUGGLER, IMAGE)
     if name in GENERATION:
         generation_models(host, "sd15")
-    load(page, ROOT / "workflows" / f"{name}.json", for_run=True)
+    elif name in VIDEO:
+        files = (family_vae(host, "wan21")[0], write_clip(host))
+    load(page, ROOT / "workflows" / f"{name}.json", for_run=True, files=files)
     done_before = len(host.get_json("/history"))
     page.evaluate("app.queuePrompt(0, 1)")
     deadline = time.monotonic() + 600
