@@ -75,6 +75,7 @@ def test_inspecting_a_clip_judges_latent_frames_and_counts_what_recurs_over_time
     assert report["verdict"]["black_hole"] is True
     assert {(c["y"], c["x"]) for c in report["verdict"]["cells"]} == {HOLE}
     assert report["verdict"]["cells"][0]["images"] == 3  # in every latent frame
+    assert report["verdict"]["line"].startswith("black hole at (2, 5) in 3/3 latent frames")
 
 
 def test_a_clip_without_a_hole_has_no_verdict_cells():

@@ -143,6 +143,7 @@ def inspect_vae(codec: Codec, images=None, *, names: Optional[Sequence] = None, 
             steps.step()
     found = find_pooled(posteriors, threshold=threshold, min_drop=min_drop, mean_threshold=mean_threshold)
     judged = verdict(found, [n if n is not None else f"image {i}" for i, n in enumerate(names)])
+    judged.unit = "latent frame" if clip else "image"
     if check_reach and judged.cells:  # in a clip only latent frame 0 decodes alone as it was encoded
         judged.reach = measure_reach(codec, judged, posteriors[:1] if clip else posteriors, found[:1] if clip else found)
     steps.step()

@@ -32,6 +32,7 @@ class Verdict:
     evidence: str
     names: list = field(default_factory=list)
     reach: Optional[dict] = None      # {"y", "x", "image", "reach_ratio", ...} or {"skipped": why}
+    unit: str = "image"               # what was judged: images, or a clip's latent frames
 
     def to_dict(self) -> dict:
         return {"black_hole": self.black_hole, "status": self.status, "images": self.images,
@@ -41,20 +42,21 @@ class Verdict:
 
     def line(self) -> str:
         """One sentence: what was found and how sure it is."""
-        n, k = self.images, self.images_with_collapse
+        n, k, unit = self.images, self.images_with_collapse, self.unit
         if self.status == "none":
-            return f"no black hole found ({n} image{'s' * (n != 1)}, no log-variance collapse)"
+            return f"no black hole found ({n} {unit}{'s' * (n != 1)}, no log-variance collapse)"
         top = self.cells[0]
         where = f"({top['y']}, {top['x']})"
         if self.status == "single_image":
-            return (f"log-variance collapse at {where} in the only image: one image cannot confirm a black hole "
+            return (f"log-variance collapse at {where} in the only {unit}: one {unit} cannot confirm a black hole "
                     "(run the health check with no images to test recurrence)")
         if self.status == "content":
-            return (f"log-variance collapse in {k}/{n} images only (first at {where}): content-triggered, "
+            return (f"log-variance collapse in {k}/{n} {unit}s only (first at {where}): content-triggered, "
                     "not a VAE black hole")
         fixed = top["images"] == top["of"] == n
-        place = f"at {where} in {top['images']}/{n} probes" if fixed or top["images"] >= k else \
-            f"in {k}/{n} images, at varying cells (most often {where}, {top['images']}/{top['of']})"
+        seen = "probes" if unit == "image" else f"{unit}s"
+        place = f"at {where} in {top['images']}/{n} {seen}" if fixed or top["images"] >= k else \
+            f"in {k}/{n} {unit}s, at varying cells (most often {where}, {top['images']}/{top['of']})"
         return f"black hole {place}{self._reach_words()}"
 
     def _reach_words(self) -> str:
