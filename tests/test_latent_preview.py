@@ -1,9 +1,8 @@
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
+from vae_fix.images import load_image
 from vae_fix.cli import main
 from vae_fix.latent_io import write_latent
 
@@ -122,9 +121,8 @@ def test_cli_preview_of_an_sd1_latent_uses_the_sd1_factors(tmp_path):
     torch.testing.assert_close(torch.tensor(data["weight"]), family_preview("sd1").weight)
     want = family_preview("sd1").image(z, scale=8)
     for i in range(2):
-        with Image.open(out / f"preview_{i}.png") as im:
-            assert im.size == (12 * 8, 16 * 8)
-            got = torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
+        got = load_image(out / f"preview_{i}.png")[0]  # [3, H, W] in 0..1
+        assert tuple(got.shape[1:]) == (16 * 8, 12 * 8)
         assert float((got - want[i]).abs().max()) <= 1 / 255 + 1e-6
 
 

@@ -2,13 +2,12 @@
 Save/Load Latent do, and stats, edit, preview, repair and reach-map round trips."""
 import json
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from run_cli import strict_json
+from vae_fix.images import load_image
 from vae_fix.cli import main
 from vae_fix.errors import InputError
 from vae_fix.latent_io import read_latent, write_latent
@@ -94,9 +93,8 @@ def test_cli_preview_of_a_wan22_latent_writes_one_picture_per_frame(files, tmp_p
     z = read_latent(files["wan22"])
     want = family_preview("wan22").image(z, scale=4)
     for t in range(2):
-        with Image.open(out / f"preview_item0_frame{t}.png") as im:
-            assert im.size == (6 * 4, 4 * 4)
-            got = torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
+        got = load_image(out / f"preview_item0_frame{t}.png")[0]  # [3, H, W] in 0..1
+        assert tuple(got.shape[1:]) == (4 * 4, 6 * 4)
         assert float((got - want[t]).abs().max()) <= 1 / 255 + 1e-6
 
 
