@@ -84,7 +84,11 @@ def _encode_caught(vae, family, layer, clips: torch.Tensor) -> torch.Tensor:
         fsm.encode(clips.to(vae.vae_dtype).to(vae.device))
     finally:
         hook.remove()
-    return _in_latent_space(fsm, family, caught[-1]).to(vae.output_device).float()
+    if len(caught) != 1:  # a host whose encode no longer passes the table's layer exactly once
+        raise InputError("vae", f"its {family.name} encode passed '{family.layer}' {len(caught)} times, not once, "
+                         "so the raw moments cannot be read there", "a ComfyUI version whose model matches the "
+                         "pack's family table (nodes/host_families.py)")
+    return _in_latent_space(fsm, family, caught[0]).to(vae.output_device).float()
 
 
 def moments_fn(vae) -> Callable[[torch.Tensor], torch.Tensor]:
