@@ -142,8 +142,8 @@ def inspect_vae(codec: Codec, images=None, *, names: Optional[Sequence] = None, 
             encoded.append(prepare_images(x, codec.downscale, size_policy)[0][0])
             steps.step()
     found = find_pooled(posteriors, threshold=threshold, min_drop=min_drop, mean_threshold=mean_threshold)
-    judged = verdict(found, [n if n is not None else f"image {i}" for i, n in enumerate(names)])
-    judged.unit = "latent frame" if clip else "image"
+    judged = verdict(found, [n if n is not None else f"image {i}" for i, n in enumerate(names)],
+                     unit="latent frame" if clip else "image")
     if check_reach and judged.cells:  # in a clip only latent frame 0 decodes alone as it was encoded
         judged.reach = measure_reach(codec, judged, posteriors[:1] if clip else posteriors, found[:1] if clip else found)
     steps.step()

@@ -83,9 +83,7 @@ def logvar_map(codec: Codec, images: torch.Tensor, *, value: str = "raw", show: 
                          "maps_of_latent_frames": kept}
     for entry, mk in zip(stats["images"], marks):
         entry["collapsed_cells"] = [list(c) for c in mk[:256]]
-    judged = verdict(found)
-    judged.unit = "latent frame" if frames is not None else "image"
-    stats["verdict"] = judged.line()
+    stats["verdict"] = verdict(found, unit="latent frame" if frames is not None else "image").line()
     return LogVarMapResult(pictures, stats)
 
 

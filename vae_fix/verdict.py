@@ -67,8 +67,9 @@ class Verdict:
         return f"; it {far} (reach {r['reach_ratio']:.1f}x the median cell)"
 
 
-def verdict(found: list[AnomalyReport], names: Optional[list] = None) -> Verdict:
-    """The verdict over the reports of every image (one report per image, any latent sizes)."""
+def verdict(found: list[AnomalyReport], names: Optional[list] = None, unit: str = "image") -> Verdict:
+    """The verdict over the reports of every image (one report per image, any latent sizes); `unit`
+    names what was judged in its line (a clip's "latent frame")."""
     n = len(found)
     names = list(names) if names is not None else [f"image {i}" for i in range(n)]
     cells: dict[tuple[int, int], dict] = {}
@@ -92,7 +93,8 @@ def verdict(found: list[AnomalyReport], names: Optional[list] = None) -> Verdict
     ordered = sorted(cells.values(), key=lambda c: (-c["images"], -c["drop"]))
     hit = sum(1 for r in found if r.anomalies)
     status = _status(n, hit)
-    return Verdict(status == "black_hole", status, n, hit, ordered, _evidence(status, n, hit, found), names)
+    return Verdict(status == "black_hole", status, n, hit, ordered, _evidence(status, n, hit, found), names,
+                   unit=unit)
 
 
 def _status(n: int, hit: int) -> str:
