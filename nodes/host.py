@@ -173,14 +173,24 @@ def to_host_vae(vae_file, dtype: str = "auto", path=None) -> "comfy.sd.VAE":
                            "weights matching the layout read from the file") from None
     if vae.first_stage_model is None:
         raise VAELoadError(path, "ComfyUI did not recognise the weights as a VAE", "a KL VAE state dict")
-    host_keys = set(vae.first_stage_model.state_dict())
-    missing, ignored = sorted(host_keys - set(sd)), sorted(set(sd) - host_keys)
-    if missing or ignored:
-        raise VAELoadError(path, f"ComfyUI's model would leave {len(missing)} weights unset and ignore {len(ignored)} of the file's",
-                           "every weight of the file to be used and none missing", keys=missing + ignored)
+    check_keys(path, vae_kind(vae), set(vae.first_stage_model.state_dict()), set(sd))
     vae.latent_channels = cfg.latent_channels  # core reads it from the decoder's z width
     vae.downscale_ratio = vae.upscale_ratio = cfg.downscale
     return vae
+
+
+def check_keys(path, kind: str, model_keys: set, file_keys: set) -> None:
+    """VAELoadError naming the keys unless every weight of ComfyUI's `kind` model comes from the file
+    and every tensor of the file is used (core's Load VAE only warns, and runs half-loaded)."""
+    missing, unused = sorted(model_keys - file_keys), sorted(file_keys - model_keys)
+    if not (missing or unused):
+        return
+    are = lambda items: "is" if len(items) == 1 else "are"  # noqa: E731
+    parts = [f"{len(missing)} of the {len(model_keys)} weights of ComfyUI's {kind} model {are(missing)} missing "
+             "from the file"] if missing else []
+    parts += [f"{len(unused)} of the file's tensors {are(unused)} not used by that model"] if unused else []
+    raise VAELoadError(path, " and ".join(parts), "every weight of the model in the file and every tensor of the "
+                       "file used (core's Load VAE would only warn and run half-loaded)", keys=missing + unused)
 
 
 # ---------------------------------------------------------------- the KL weights of a host VAE

@@ -180,26 +180,11 @@ def _check(vae, sd: dict, path: str, not_kl: VAELoadError | None, wrong: list = 
     loaded, notes = _host_view(sd, key)
     model = set(fsm.state_dict())
     recomputed = sorted(_computed_buffers(fsm) & (set(loaded) - model))
-    missing, unused = sorted(model - set(loaded)), sorted(set(loaded) - model - set(recomputed))
-    if missing or unused:
-        raise VAELoadError(path, _key_problem(host.vae_kind(vae), len(model), missing, unused),
-                           "every weight of the model in the file and every tensor of the file used "
-                           "(core's Load VAE would only warn and run half-loaded)", keys=missing + unused)
+    host.check_keys(path, host.vae_kind(vae), model, set(loaded) - set(recomputed))
     if recomputed:
         notes.append(f"{len(recomputed)} tensors are constants the model computes itself (not read): "
                      + ", ".join(recomputed[:4]) + (", ..." if len(recomputed) > 4 else ""))
     return notes
-
-
-def _key_problem(kind: str, total: int, missing: list, unused: list) -> str:
-    parts = [f"{len(missing)} of the {total} weights of ComfyUI's {kind} model {_are(missing)} missing from the file"] \
-        if missing else []
-    parts += [f"{len(unused)} of the file's tensors {_are(unused)} not used by that model"] if unused else []
-    return " and ".join(parts)
-
-
-def _are(items: list) -> str:
-    return "is" if len(items) == 1 else "are"
 
 
 def _unrecognised(sd: dict, path: str, not_kl: VAELoadError | None) -> VAELoadError:
