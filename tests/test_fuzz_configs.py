@@ -9,7 +9,6 @@ import hashlib
 import json
 import random
 import resource
-import time
 import warnings
 
 import pytest
@@ -153,24 +152,22 @@ def test_mutated_configs_give_only_the_clear_error(valid, tmp_path):
         inner.mkdir(parents=True)
         (inner / "diffusion_pytorch_model.safetensors").write_bytes(weights)
     (folders[1] / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
-    counts, slowest = {"loaded": 0, "refused": 0}, 0.0
+    counts = {"loaded": 0, "refused": 0}
     grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     for i in range(CASES):
         folder = folders[i % 2]
         written = folder / ("config.json" if i % 2 == 0 else "vae/config.json")
         written.write_bytes(mutate(rng, config))
-        start = time.perf_counter()
         try:
             counts[outcome(folder, written)] += 1
         except (AssertionError, pytest.fail.Exception) as e:
             raise AssertionError(f"case {i} ({folder.name}): {e}") from None
-        slowest = max(slowest, time.perf_counter() - start)
     grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - grown  # KiB on Linux
     for folder in folders:
         weights_now = next(folder.rglob("diffusion_pytorch_model.safetensors")).read_bytes()
         assert weights_now == weights, "loading changed the weights file"
     assert counts["refused"] > CASES // 3 and counts["loaded"] > CASES // 4, counts
-    assert slowest < 2.0 and grown < 1_000_000, (slowest, grown)
+    assert grown < 1_000_000, f"peak memory grew by {grown} KiB"
 
 
 def folder_with(tmp_path, valid, text: str, name: str = "regress"):
@@ -207,10 +204,8 @@ def test_a_huge_config_json_is_refused_without_reading_it(valid, tmp_path):
     folder = folder_with(tmp_path, valid, json.dumps(valid[0]))
     with open(folder / "config.json", "r+b") as f:
         f.truncate(300_000_000)  # sparse: 300 MB of zeros that the loader must not read
-    start = time.perf_counter()
-    with pytest.raises(VAELoadError, match=r"regress/config\.json.*300000000 bytes"):
+    with pytest.raises(VAELoadError, match=r"regress/config\.json.*300000000 bytes"), deadline(CASE_SECONDS):
         load_vae(folder)
-    assert time.perf_counter() - start < 0.5
 
 
 def test_a_huge_wrong_value_gives_a_short_message(valid, tmp_path):

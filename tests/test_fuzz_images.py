@@ -9,7 +9,6 @@ import io
 import random
 import resource
 import struct
-import time
 import zlib
 
 import numpy as np
@@ -202,21 +201,19 @@ def outcome(path) -> str:
 
 def test_mutated_images_give_only_the_clear_error_or_a_valid_image(bases, tmp_path):
     rng = random.Random(99)
-    counts, slowest = {"read": 0, "refused": 0}, 0.0
+    counts = {"read": 0, "refused": 0}
     grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     for i in range(CASES):
         suffix, data = bases[i % len(bases)]
         path = tmp_path / f"mutant{suffix}"
         path.write_bytes(mutate(rng, suffix, data, rng.choice(bases)[1]))
-        start = time.perf_counter()
         try:
             counts[outcome(path)] += 1
         except (AssertionError, pytest.fail.Exception) as e:
             raise AssertionError(f"case {i} (base {i % len(bases)}, {suffix}): {e}") from None
-        slowest = max(slowest, time.perf_counter() - start)
     grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - grown  # KiB on Linux
     assert counts["refused"] > CASES // 4 and counts["read"] > CASES // 4, counts
-    assert slowest < 3.0 and grown < 2_000_000, (slowest, grown)
+    assert grown < 2_000_000, f"peak memory grew by {grown} KiB"
 
 
 def test_every_base_image_reads(bases, tmp_path):
@@ -241,10 +238,8 @@ def test_a_tiff_whose_strips_cover_16_of_its_rows_is_refused_before_decoding(bas
     # Before: a 1.3 KB file read as a 24 x 1,572,864 image, black below row 16 (2 s, ~600 MB).
     path = tmp_path / "tall.tif"
     path.write_bytes(tiff_with_tag(bases[14][1], 257, 1_572_864))
-    start = time.perf_counter()
-    with pytest.raises(InputError, match=r"tall\.tif.*covers 384 of its 24x1572864 pixels"):
+    with pytest.raises(InputError, match=r"tall\.tif.*covers 384 of its 24x1572864 pixels"), deadline(CASE_SECONDS):
         load_image(path)
-    assert time.perf_counter() - start < 0.2
 
 
 def test_nan_in_a_float_tiff_is_refused(tmp_path):

@@ -10,7 +10,6 @@ import json
 import math
 import random
 import resource
-import time
 
 import pytest
 import torch
@@ -131,21 +130,19 @@ def outcome(path, allow_nonfinite: bool) -> str:
 
 def test_mutated_latents_give_only_the_clear_error_or_a_valid_latent(bases, tmp_path):
     rng = random.Random(4321)
-    counts, slowest = {"read": 0, "refused": 0}, 0.0
+    counts = {"read": 0, "refused": 0}
     grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     for i in range(CASES):
         header, data = bases[i % len(bases)]
         path = tmp_path / "mutant.latent"
         path.write_bytes(mutate(rng, header, data))
-        start = time.perf_counter()
         try:
             counts[outcome(path, allow_nonfinite=rng.random() < 0.3)] += 1
         except (AssertionError, pytest.fail.Exception) as e:
             raise AssertionError(f"case {i} (base {i % len(bases)}): {e}") from None
-        slowest = max(slowest, time.perf_counter() - start)
     grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - grown  # KiB on Linux
     assert counts["refused"] > CASES // 3 and counts["read"] > CASES // 5, counts
-    assert slowest < 1.0 and grown < 500_000, (slowest, grown)
+    assert grown < 500_000, f"peak memory grew by {grown} KiB"
 
 
 def test_every_base_latent_reads(bases, tmp_path):

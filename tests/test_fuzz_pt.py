@@ -10,7 +10,6 @@ import pickle
 import pickletools
 import random
 import resource
-import time
 import warnings
 import zipfile
 
@@ -221,21 +220,19 @@ def outcome(path, marker) -> str:
 
 def test_mutated_torch_archives_give_only_the_clear_error(bases, tmp_path):
     rng, marker = random.Random(2024), tmp_path / "ran"
-    counts, slowest = {"loaded": 0, "refused": 0}, 0.0
+    counts = {"loaded": 0, "refused": 0}
     grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     for i in range(CASES):
         suffix, raw, members = bases[i % len(bases)]
         path = tmp_path / f"mutant{suffix}"
         path.write_bytes(mutate(rng, raw, members, marker))
-        start = time.perf_counter()
         try:
             counts[outcome(path, marker)] += 1
         except (AssertionError, pytest.fail.Exception) as e:
             raise AssertionError(f"case {i} ({suffix}, {'zip' if members else 'legacy'}): {e}") from None
-        slowest = max(slowest, time.perf_counter() - start)
     grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - grown  # KiB on Linux
     assert counts["refused"] > CASES // 2 and counts["loaded"] > 50, counts
-    assert slowest < 2.0 and grown < 1_000_000, (slowest, grown)
+    assert grown < 1_000_000, f"peak memory grew by {grown} KiB"
 
 
 @pytest.mark.parametrize("which", range(6), ids=["posix.system", "os.system", "eval", "exec", "open", "Popen"])
