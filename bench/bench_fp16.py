@@ -36,12 +36,13 @@ CASES = {"original fp32": ("original", torch.float32), "original fp16": ("origin
 def overflowing(model_kind: str):
     """The benchmark's VAE, scaled exactly so that fp16 overflows."""
     from vae_fix.demo import shipped_models
-    from vae_fix.fp16_scales import apply_scales, segments
+    from vae_fix.fp16_scales import apply_scales, compvis_plan
     from vae_fix.loader import load_vae
     from vae_fix.model import preset_config, random_vae
 
     model = load_vae(shipped_models()[0]).model if model_kind == "trained" else random_vae(preset_config("sd"), 0).eval()
-    apply_scales(model, {(s.side, s.index): 3e4 * (1 + s.index) for s in segments(model)}, {})
+    plan = compvis_plan(model)
+    apply_scales(plan, {key: 3e4 * (1 + key[1]) for key in plan.stream_keys})
     return model
 
 

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 from comfy_api.v0_0_2 import io, ui
 
-from ..vae_fix import loader
-from ..vae_fix.builders.planted import demo_image
-from ..vae_fix.errors import InputError
-from ..vae_fix.fp16_fix import DEFAULT_HEADROOM, fixed_file, fp16_fix
-from ..vae_fix.probes import check_sizes, probe_images
+from ..vae_fix.fp16_fix import DEFAULT_HEADROOM
+from ..vae_fix.probes import check_sizes
 from ..vae_fix.result import write_file_atomically
-from . import host, wire
+from . import host, host_fp16, wire
 
 
 class VAEFp16Fix(io.ComfyNode):
@@ -20,12 +17,15 @@ class VAEFp16Fix(io.ComfyNode):
             node_id="VAEFixFp16Fix",
             display_name="VAE fp16 Fix",
             category="VAE Fix/loaders",
-            description=("Rescales a KL VAE's weights exactly (every GroupNorm ignores the scale of its input) so no "
-                         "activation on the built-in probes exceeds fp16's range over `headroom`: black or NaN images "
-                         "from half precision go away, fp32 outputs stay the same. Proven before it is handed on: fp16 "
-                         "must be finite and at least 40 dB from fp32, else the node stops and names the layer."),
+            description=("Rescales a VAE's weights exactly (every GroupNorm or RMS norm ignores the scale of its input) "
+                         "so no activation on the built-in probes exceeds fp16's range over `headroom`: black or NaN "
+                         "images from half precision go away, fp32 outputs stay the same. Proven before it is handed on: "
+                         "fp16 must be finite and at least 40 dB from fp32, else the node stops and names the layer. "
+                         "Covers KL VAEs (SD1.x/2.x, SDXL, SD3, Flux, retrained), HunyuanVideo 1.0 and Wan 2.1 / "
+                         "Qwen-Image (video VAEs: proven on one-frame clips, fp16 emulated on a CPU); other families "
+                         "are refused, saying why."),
             inputs=[
-                io.Vae.Input("vae", tooltip="A KL VAE (Load VAE, Load VAE (strict), a checkpoint's VAE); it is not changed."),
+                io.Vae.Input("vae", tooltip="A VAE of a covered family (Load VAE, Load VAE (strict), a checkpoint's VAE); it is not changed."),
                 io.Float.Input("headroom", default=DEFAULT_HEADROOM, min=1.0, max=1024.0, step=1.0,
                                tooltip="Activations are kept under 65504 / headroom, for images the probes did not cover."),
                 io.Combo.Input("dtype", options=list(host.DTYPES), default="fp16",
@@ -36,7 +36,7 @@ class VAEFp16Fix(io.ComfyNode):
                 io.Int.Input("check_size", default=512, min=64, max=4096, step=64, optional=True,
                              tooltip="Side (px) of the held-out picture the proof also runs on (one the scales never saw)."),
                 io.String.Input("save_as", default="", optional=True,
-                                tooltip="Also write the fixed VAE to models/vae under this new name (a .safetensors file, CompVis layout); empty: do not save."),
+                                tooltip="Also write the fixed VAE to models/vae under this new name (a .safetensors file: CompVis layout for KL VAEs, the host's own names for video VAEs); empty: do not save."),
             ],
             outputs=[
                 io.Vae.Output("fixed_vae", display_name="VAE", tooltip="The fixed VAE, a normal ComfyUI VAE."),
@@ -49,19 +49,12 @@ class VAEFp16Fix(io.ComfyNode):
     @classmethod
     def execute(cls, vae, headroom, dtype, probe_sizes="128, 256", check_size=512, save_as="") -> io.NodeOutput:
         target = host.new_vae_path(save_as) if save_as.strip() else None
-        (check,) = check_sizes([check_size], "check_size")
-        images, names = probe_images(check_sizes(probe_sizes, "probe_sizes"))
-        source = loader.vae_from_state_dict(host.kl_state_dict(vae), "the VAE input")
-        result = fp16_fix(loader.build_model(source).model, images, names, held_out=[demo_image(check, check, None)],
-                          held_out_names=[f"demo@{check}"], headroom=headroom, progress=host.progress_fn())
-        if not result.safe:
-            raise InputError("vae", "no exact rescaling makes it safe in fp16: " + "; ".join(result.limits or [result.summary()]),
-                             "a VAE whose every activation can be rescaled (the report lists the layers)")
-        fixed = fixed_file(result, source)
+        result, fixed_vae, save = host_fp16.fix_vae(vae, check_sizes(probe_sizes, "probe_sizes"),
+                                                    check_sizes([check_size], "check_size"), headroom, dtype)
         if target:
-            write_file_atomically(target, lambda path: loader.save_vae(fixed, path))
+            write_file_atomically(target, save)
         plot = wire.images_to_batch([result.pictures()["activations"]])
-        return io.NodeOutput(host.to_host_vae(fixed, dtype), result.json_text(), plot, ui=ui.PreviewImage(plot, cls=cls))
+        return io.NodeOutput(fixed_vae, result.json_text(), plot, ui=ui.PreviewImage(plot, cls=cls))
 
 
 NODES = [VAEFp16Fix]

@@ -100,10 +100,15 @@ def new_vae_path(filename: str) -> str:
     return path
 
 
-def path_fingerprint(path: str) -> tuple:
-    """Changes when the file (or any file of a folder) is replaced, so a cached VAE is reloaded."""
-    paths = [path] if os.path.isfile(path) else [os.path.join(path, f) for f in sorted(os.listdir(path))]
-    return tuple((p, os.path.getmtime(p), os.path.getsize(p)) for p in paths if os.path.isfile(p))
+def vae_fingerprint(vae_name: str) -> tuple:
+    """Changes when the VAE file (or any file of a folder) in models/vae is replaced, so a cached VAE
+    is reloaded; () when it cannot be read (the node's own run then says why)."""
+    try:
+        path = vae_path(vae_name)
+        paths = [path] if os.path.isfile(path) else [os.path.join(path, f) for f in sorted(os.listdir(path))]
+        return tuple((p, os.path.getmtime(p), os.path.getsize(p)) for p in paths if os.path.isfile(p))
+    except Exception:
+        return ()
 
 
 # ---------------------------------------------------------------- VAEFile -> comfy.sd.VAE

@@ -69,6 +69,11 @@ def load_strict(path: str, name: str, dtype: str = "auto", padding: str = "zeros
                  "padding": _pad(vae, padding), "comfyui": host.vae_summary(vae)}
 
 
+def load_weights(raw: RawWeights, name: str, dtype: str = "auto") -> "comfy.sd.VAE":
+    """A host VAE of any family from weights already in memory, checked as strictly as a file."""
+    return _host_family(raw, name, dtype, None)[0]
+
+
 def _pad(vae, padding: str) -> str:
     """Switch a KL model's padded convolutions to `padding`; 'zeros' leaves any model as built."""
     if padding == "zeros":

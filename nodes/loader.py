@@ -46,11 +46,8 @@ class LoadVAEStrict(io.ComfyNode):
         )
 
     @classmethod
-    def fingerprint_inputs(cls, vae_name, dtype, padding="zeros"):
-        try:  # a file replaced under the same name is loaded again
-            return (vae_name, dtype, padding, host.path_fingerprint(host.vae_path(vae_name)))
-        except Exception:
-            return (vae_name, dtype, padding)
+    def fingerprint_inputs(cls, vae_name, dtype, padding="zeros"):  # a file replaced under its name is reloaded
+        return (vae_name, dtype, padding, host.vae_fingerprint(vae_name))
 
     @classmethod
     def execute(cls, vae_name, dtype, padding="zeros") -> io.NodeOutput:

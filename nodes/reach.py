@@ -72,7 +72,7 @@ class LatentReachMap(io.ComfyNode):
     def execute(cls, vae, latent, mode, factor, window, index, blocks, top, colormap) -> io.NodeOutput:
         result = reach.reach_map(host.codec(vae), wire.latent_samples(latent, video=True), mode=mode, factor=factor, window=window,
                                  blocks=blocks, top=top, index=index, cmap=colormap, progress=host.progress_fn())
-        pictures = {name: wire.engine_to_image(pic) for name, pic in result.pictures().items()}
+        pictures = wire.pictures(result)
         return io.NodeOutput(pictures["map"], pictures["overlay"], result.json_text(), result.top_cells_text,
                              ui=ui.PreviewImage(pictures["map"], cls=cls))
 
@@ -128,7 +128,7 @@ class LatentCellReach(io.ComfyNode):
         result = reach.cell_reach(host.codec(vae), z, chosen, mode=mode, factor=factor,
                                   window=window, index=index, batch_size=batch_size, cmap=colormap,
                                   progress=host.progress_fn())
-        pictures = {name: wire.engine_to_image(pic) for name, pic in result.pictures().items()}
+        pictures = wire.pictures(result)
         return io.NodeOutput(pictures["map"], pictures["difference"], result.json_text(),
                              ui=ui.PreviewImage(pictures["map"], cls=cls))
 

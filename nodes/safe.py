@@ -34,10 +34,7 @@ class SafeVAEDecode(io.ComfyNode):
     def execute(cls, samples, vae) -> io.NodeOutput:
         z = wire.latent_samples(samples, "samples", any_family=True)
         result = first_finite("decode", host.core_attempts(vae, "decode", z), "vae")
-        images = result.output
-        if images.ndim == 5:  # video: frames of every batch item in one IMAGE batch, as core does
-            images = images.reshape(-1, *images.shape[-3:])
-        return io.NodeOutput(images, result.json_text())
+        return io.NodeOutput(wire.frames_as_images(result.output), result.json_text())
 
 
 class SafeVAEEncode(io.ComfyNode):

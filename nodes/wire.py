@@ -41,6 +41,17 @@ def engine_to_image(x: torch.Tensor) -> torch.Tensor:
     return x.movedim(1, -1).float().clamp(0.0, 1.0).cpu().contiguous()
 
 
+def pictures(result) -> dict[str, torch.Tensor]:
+    """A result's pictures (engine `[3, H, W]` or `[B, 3, H, W]`), each as an IMAGE, by name."""
+    return {name: engine_to_image(picture) for name, picture in result.pictures().items()}
+
+
+def frames_as_images(images: torch.Tensor) -> torch.Tensor:
+    """A host decode's pixels as one IMAGE batch: video `[B, T, H, W, 3]` → every frame of every
+    item in order, as core's VAE Decode gives them; images `[B, H, W, 3]` unchanged."""
+    return images.reshape(-1, *images.shape[-3:]) if images.ndim == 5 else images
+
+
 def images_to_batch(images: list[torch.Tensor]) -> torch.Tensor:
     """A list of engine `[3, H, W]` images of possibly different sizes → one IMAGE batch.
 

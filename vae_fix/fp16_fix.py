@@ -10,22 +10,27 @@ its fp32 function unchanged (`fp16_scales`), then prove it. One call for the CLI
    the quant convs) are checked against the bound and named when over it.
 3. Prove on the images and on held-out ones: the fixed VAE in fp32 against the original (latent means,
    decoded pixels), and in fp16 against the original fp32 (finite?, PSNR, mean difference).
+
+`fix_file` does all of it for a validated VAE file (the CLI and the node): `result.file` is the fixed
+file in the source's own layout, or None when there was nothing to fix or the fix is not safe.
 """
 from __future__ import annotations
 
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 from torch import nn
 
 from . import viz
+from .builders.planted import demo_image
 from .errors import InputError
-from .fp16_scales import apply_scales, inner_convs, segments
-from .model import AttnBlock, AutoencoderKL, Downsample, ResnetBlock, Upsample
+from .fp16_scales import ScalePlan, apply_scales, compvis_plan
+from .model import AutoencoderKL
+from .probes import SIZES, probe_images
 from .progress import ProgressFn, Steps
 from .repair import psnr, to_unit
 from .result import Picture, Result
@@ -33,14 +38,62 @@ from .result import Picture, Result
 FP16_MAX = 65504.0
 DEFAULT_HEADROOM = 16.0
 MIN_PSNR = 40.0          # dB of fp16 against fp32 decoded pixels: below it the fix is not written
-WATCHED = (nn.Conv2d, ResnetBlock, AttnBlock, Downsample, Upsample, nn.GroupNorm)
+WATCHED = (nn.Conv2d, nn.Conv3d, nn.GroupNorm)  # besides the plan's blocks: every tensor the plot shows
+
+
+@dataclass(frozen=True)
+class Runner:
+    """How the fix runs one kind of model (the model itself, or a half-precision copy of it):
+    `means(model, x)` for x `[1, 3, H, W]` in -1..1 gives the posterior means; `decode(model, z)`
+    the pixels in -1..1 `[1, 3, H, W]`, or None for a model without a decoder; `plan(model)` the
+    links to rescale (`fp16_scales`)."""
+    family: str
+    means: Callable
+    decode: Callable
+    plan: Callable[[nn.Module], ScalePlan]
+    emulate_half: bool = False  # fp16 emulated (see `half_copy`): for devices without fast fp16 (3-D convs on CPUs)
+
+    def half(self, t: torch.Tensor) -> torch.Tensor:
+        return t.half().float() if self.emulate_half else t.half()
+
+
+def _to_half(output):
+    if isinstance(output, torch.Tensor):
+        return output.half().float() if output.is_floating_point() else output
+    return tuple(_to_half(o) for o in output) if isinstance(output, tuple) else output
+
+
+def half_copy(model: nn.Module, emulate: bool = False) -> nn.Module:
+    """A half-precision copy of `model`. Emulated: fp16 weights and every module's output rounded to
+    fp16 (overflow gives inf exactly where fp16 would), arithmetic inside a layer in fp32 as a GPU's
+    fp16 convolutions accumulate; for CPUs, where fp16 3-D convolutions are hundreds of times slower."""
+    twin = copy.deepcopy(model)
+    if not emulate:
+        return twin.half()
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.copy_(p.half().float())
+    for m in twin.modules():
+        m.register_forward_hook(lambda _m, _i, output: _to_half(output))
+    return twin
+
+
+def _kl_decode(model: AutoencoderKL, z: torch.Tensor):
+    return model.decode(z) if model.decoder is not None else None
+
+
+KL = Runner("KL autoencoder (SD1.x/2.x, SDXL, SD3, Flux, retrained KL-F8)",
+            lambda model, x: model.moments(x)[:, :model.config.latent_channels], _kl_decode, compvis_plan)
 
 
 @torch.no_grad()
-def record_peaks(model: AutoencoderKL, images: list[torch.Tensor], steps: Optional[Steps] = None) -> dict[str, float]:
-    """{module name: largest |output|} over `images` (`[1, 3, H, W]` 0..1), encode then decode."""
+def record_peaks(model: nn.Module, plan: ScalePlan, runner: Runner, images: list[torch.Tensor],
+                 steps: Optional[Steps] = None) -> dict[str, float]:
+    """{module name: largest |output|} over `images` (`[1, 3, H, W]` 0..1), encode then decode, in
+    call order: every conv and norm, and every block whose output is a residual stream."""
     peaks: dict[str, float] = {}
-    names = {m: n for n, m in model.named_modules() if isinstance(m, WATCHED)}
+    blocks = {m for modules in plan.measured.values() for m in modules}
+    names = {m: n for n, m in model.named_modules() if isinstance(m, WATCHED) or m in blocks}
 
     def hook(module, _inputs, output):  # measured at once: the next op may add into it in place
         v = float(output.detach().abs().amax()) if torch.isfinite(output).all() else math.inf
@@ -49,9 +102,7 @@ def record_peaks(model: AutoencoderKL, images: list[torch.Tensor], steps: Option
     handles = [m.register_forward_hook(hook) for m in names]
     try:
         for x in images:
-            moments = model.moments((x * 2 - 1).to(next(model.parameters())))
-            if model.decoder is not None:
-                model.decode(moments[:, :model.config.latent_channels])
+            runner.decode(model, runner.means(model, (x * 2 - 1).to(next(model.parameters()))))
             if steps:
                 steps.step()
     finally:
@@ -60,41 +111,35 @@ def record_peaks(model: AutoencoderKL, images: list[torch.Tensor], steps: Option
     return peaks
 
 
-def plan_scales(model: AutoencoderKL, peaks: dict[str, float], bound: float) -> tuple[dict, dict]:
-    """(stream factors per (side, index), conv1 factors per name): each brings its peak to `bound`."""
+def plan_scales(model: nn.Module, plan: ScalePlan, peaks: dict[str, float], bound: float) -> dict:
+    """{key: factor}: each stretch of a stream and each inner conv brought to `bound` (never up)."""
     names = {m: n for n, m in model.named_modules()}
-    stream = {}
-    for seg in segments(model):
-        peak = max(peaks.get(names[m], 0.0) for m in seg.outputs)
-        stream[(seg.side, seg.index)] = min(1.0, bound / peak) if peak > 0 else 1.0
-    inner = {}
-    for conv in inner_convs(model):
-        peak = peaks.get(names[conv], 0.0)
-        inner[names[conv]] = min(1.0, bound / peak) if peak > 0 else 1.0
-    return stream, inner
+    factors = {}
+    for key, modules in plan.measured.items():
+        peak = max(peaks.get(names[m], 0.0) for m in modules)
+        factors[key] = min(1.0, bound / peak) if peak > 0 else 1.0
+    return factors
 
 
 @torch.no_grad()
-def prove(original: AutoencoderKL, fixed: AutoencoderKL, images: list[torch.Tensor], names: list[str],
+def prove(original: nn.Module, fixed: nn.Module, runner: Runner, images: list[torch.Tensor], names: list[str],
           steps: Optional[Steps] = None) -> list[dict]:
     """Per image: the fixed VAE in fp32 against the original, and in fp16 against the original's fp32."""
-    half, c = copy.deepcopy(fixed).half(), original.config.latent_channels
-    original_half = copy.deepcopy(original).half()
+    half, original_half = (half_copy(m, runner.emulate_half) for m in (fixed, original))
     rows = []
     for x, name in zip(images, names):
         x = x * 2 - 1
-        ref = original.moments(x)
-        row = {"image": name, "size": list(x.shape[-2:]),
-               "fp32_mean_max_rel_diff": _rel(fixed.moments(x)[:, :c], ref[:, :c])}
-        m16 = half.moments(x.half()).float()
+        ref = runner.means(original, x)
+        row = {"image": name, "size": list(x.shape[-2:]), "fp32_mean_max_rel_diff": _rel(runner.means(fixed, x), ref)}
+        m16 = runner.means(half, runner.half(x)).float()
         row["fp16_moments_finite"] = bool(torch.isfinite(m16).all())
-        row["fp16_mean_max_abs_diff"] = float((m16[:, :c] - ref[:, :c]).abs().max()) if row["fp16_moments_finite"] else None
-        row["original_fp16_finite"] = bool(torch.isfinite(original_half.moments(x.half())).all())
-        if original.decoder is not None:
-            z = ref[:, :c]
-            pixels = to_unit(original.decode(z))
-            row["fp32_pixel_max_abs_diff"] = float((to_unit(fixed.decode(z)) - pixels).abs().max())
-            p16, o16 = half.decode(z.half()).float(), original_half.decode(z.half()).float()
+        row["fp16_mean_max_abs_diff"] = float((m16 - ref).abs().max()) if row["fp16_moments_finite"] else None
+        row["original_fp16_finite"] = bool(torch.isfinite(runner.means(original_half, runner.half(x))).all())
+        decoded = runner.decode(original, ref)
+        if decoded is not None:
+            pixels = to_unit(decoded)
+            row["fp32_pixel_max_abs_diff"] = float((to_unit(runner.decode(fixed, ref)) - pixels).abs().max())
+            p16, o16 = (runner.decode(m, runner.half(ref)).float() for m in (half, original_half))
             row["fp16_decode_finite"] = bool(torch.isfinite(p16).all())
             row["original_fp16_decode_finite"] = bool(torch.isfinite(o16).all())
             row["fp16_psnr_db"] = psnr(to_unit(p16), pixels) if row["fp16_decode_finite"] else None
@@ -114,19 +159,21 @@ class Fp16FixResult(Result):
     """The fixed model (a copy; the input is untouched), the factors, peaks before/after, the proof."""
     json_name = "fp16_fix"
 
-    model: AutoencoderKL
+    model: nn.Module
+    family: str
     bound: float
-    stream: dict
-    inner: dict
+    factors: dict                                # key (`fp16_scales`) -> factor
     before: dict
     after: dict
     proof: list
     held_out: list
     limits: list = field(default_factory=list)   # layers no rescaling brings under the bound
+    emulated: bool = False                       # fp16 proven by emulation (`half_copy`)
+    file: Optional[object] = None                # the fixed VAEFile (`fix_file`): safe and changed, else None
 
     @property
     def changed(self) -> bool:
-        return any(v != 1.0 for v in list(self.stream.values()) + list(self.inner.values()))
+        return any(v != 1.0 for v in self.factors.values())
 
     @property
     def safe(self) -> bool:
@@ -135,10 +182,11 @@ class Fp16FixResult(Result):
             all((r.get("fp16_psnr_db") or math.inf) >= MIN_PSNR for r in rows) and not self.limits
 
     def to_json(self) -> dict:
-        return {"bound": self.bound, "fp16_max": FP16_MAX, "changed": self.changed, "fp16_safe": self.safe,
-                "min_psnr_db": MIN_PSNR, "limits": list(self.limits),
-                "stream_scales": [{"side": s, "segment": i, "scale": v} for (s, i), v in self.stream.items()],
-                "inner_scales": [{"layer": n, "scale": v} for n, v in self.inner.items() if v != 1.0],
+        return {"family": self.family, "fp16": "emulated" if self.emulated else "native", "bound": self.bound, "fp16_max": FP16_MAX, "changed": self.changed,
+                "fp16_safe": self.safe, "min_psnr_db": MIN_PSNR, "limits": list(self.limits),
+                "stream_scales": [{"side": k[0], "segment": k[1], "scale": v} for k, v in self.factors.items()
+                                  if k[0] != "inner"],
+                "inner_scales": [{"layer": k[1], "scale": v} for k, v in self.factors.items() if k[0] == "inner" and v != 1.0],
                 "peaks": [{"layer": n, "before": self.before[n], "after": self.after.get(n)} for n in self.before],
                 "largest_before": max(self.before.values()), "largest_after": max(self.after.values()),
                 "proof": list(self.proof), "held_out": list(self.held_out)}
@@ -147,7 +195,8 @@ class Fp16FixResult(Result):
         rows = self.proof + self.held_out
         worst = min((r.get("fp16_psnr_db") or math.inf for r in rows), default=math.inf)
         broken = sum(not (r.get("original_fp16_decode_finite", True) and r["original_fp16_finite"]) for r in rows)
-        lines = [f"largest activation {max(self.before.values()):.4g} before, {max(self.after.values()):.4g} after "
+        lines = [f"{self.family}; fp16 {'emulated (fp16 weights and layer outputs, fp32 inside each layer)' if self.emulated else 'native'}",
+                 f"largest activation {max(self.before.values()):.4g} before, {max(self.after.values()):.4g} after "
                  f"(bound {self.bound:g}, fp16 max {FP16_MAX:g})",
                  f"original in fp16: non-finite on {broken}/{len(rows)} images; fixed in fp16: "
                  f"{'finite on all' if self.safe or worst < math.inf else 'NOT finite'}, worst PSNR against fp32 "
@@ -164,31 +213,56 @@ class Fp16FixResult(Result):
     def pictures(self) -> dict[str, Picture]:
         return {"activations": activation_plot(self.before, self.after, self.bound)}
 
+    def require_safe(self, name: str = "vae"):
+        """The fixed VAEFile (the source itself when nothing needed fixing); InputError naming `name` and
+        the layers when no exact rescaling makes it safe in fp16."""
+        if not self.safe:
+            raise InputError(name, "no exact rescaling makes it safe in fp16: " + "; ".join(self.limits or [self.summary()]),
+                             "a VAE whose every activation can be rescaled (the report lists the layers)")
+        return self.file
 
-def fp16_fix(model: AutoencoderKL, images: list[torch.Tensor], names: list[str], *, held_out=(), held_out_names=(),
-             headroom: float = DEFAULT_HEADROOM, progress: Optional[ProgressFn] = None) -> Fp16FixResult:
+
+def fp16_fix(model: nn.Module, images: list[torch.Tensor], names: list[str], *, held_out=(), held_out_names=(),
+             headroom: float = DEFAULT_HEADROOM, progress: Optional[ProgressFn] = None, runner: Runner = KL) -> Fp16FixResult:
     """Rescale a copy of `model` (fp32, CPU or device) so every activation on `images` stays under
-    FP16_MAX / headroom, and prove it on `images` and `held_out` (`[1, 3, H, W]` 0..1 each)."""
-    if not isinstance(model, AutoencoderKL):
+    FP16_MAX / headroom, and prove it on `images` and `held_out` (`[1, 3, H, W]` 0..1 each).
+    `runner`: how to run it (default: this engine's KL model)."""
+    if runner is KL and not isinstance(model, AutoencoderKL):
         raise InputError("vae", f"got {type(model).__name__}", "a KL VAE (AutoencoderKL) read by the strict loader")
     if not (isinstance(headroom, (int, float)) and headroom >= 1):
         raise InputError("headroom", f"{headroom!r}", "a number >= 1 (the bound is 65504 / headroom)")
     model = copy.deepcopy(model).float().eval()
     bound = FP16_MAX / headroom
     steps = Steps(progress, 2 * len(images) + len(images) + len(held_out))
-    before = record_peaks(model, images, steps)
-    stream, inner = plan_scales(model, before, bound)
+    plan = runner.plan(model)
+    before = record_peaks(model, plan, runner, images, steps)
+    factors = plan_scales(model, plan, before, bound)
     fixed = copy.deepcopy(model)
-    apply_scales(fixed, stream, inner)
-    after = record_peaks(fixed, images, steps)
+    apply_scales(runner.plan(fixed), factors)
+    after = record_peaks(fixed, runner.plan(fixed), runner, images, steps)
     limits = [f"{n}: largest |value| {v:.4g} stays over the bound {bound:g} (not reachable by rescaling)"
               for n, v in after.items() if v > bound * 1.01]
-    proof = prove(model, fixed, images, names, steps)
-    held = prove(model, fixed, list(held_out), list(held_out_names), steps)
-    return Fp16FixResult(fixed, bound, stream, inner, before, after, proof, held, limits)
+    proof = prove(model, fixed, runner, images, names, steps)
+    held = prove(model, fixed, runner, list(held_out), list(held_out_names), steps)
+    return Fp16FixResult(fixed, runner.family, bound, factors, before, after, proof, held, limits, runner.emulate_half)
 
 
-def fixed_file(result: "Fp16FixResult", source):
+def fix_file(source, probes=SIZES, checks=(512, 1024), extra=(), *, headroom: float = DEFAULT_HEADROOM,
+             padding: str = "zeros", progress: Optional[ProgressFn] = None) -> Fp16FixResult:
+    """The fp16 fix of a validated KL `VAEFile`, measured on the built-in probes at `probes` sizes plus
+    `extra` (image `[1, 3, H, W]`, name) pairs, proven on demo pictures at `checks` sizes it never saw."""
+    from .loader import build_model
+
+    images, names = probe_images(probes)
+    held = [demo_image(s, s, None) for s in checks]
+    result = fp16_fix(build_model(source, padding=padding).model, images + [x for x, _ in extra],
+                      names + [n for _, n in extra], held_out=held, held_out_names=[f"demo@{s}" for s in checks],
+                      headroom=headroom, progress=progress)
+    result.file = (_fixed_file(result, source) if result.changed else source) if result.safe else None
+    return result
+
+
+def _fixed_file(result: "Fp16FixResult", source):
     """The fixed weights as a `VAEFile` like `source` (same layout, metadata, stored dtype), for
     `loader.save_vae` and the host."""
     from dataclasses import replace

@@ -1,90 +1,169 @@
-"""Exact, function-preserving weight rescaling of a KL VAE (the maths of the fp16 fix).
+"""Exact, function-preserving weight rescaling of a VAE (the maths of the fp16 fix).
 
-Every ResnetBlock and attention block reads its input through a GroupNorm, which ignores the scale
-of what it normalises (up to its eps, 1e-6). So the residual stream between two convolutions that
-write it can be multiplied by any factor s if everything that writes into that stretch is: the conv
-that starts it (`conv_in`, a block's `nin_shortcut`, a down/upsample conv: weight by s_new/s_old,
-bias by s_new), each block's `conv2` and each attention `proj_out` that add into it (weight and bias
-by s). A block's `conv1` feeds only `norm2`, so it takes its own factor. What leaves the stream
-(`norm_out`, then `conv_out`) is unchanged, so moments and pixels are the same in exact arithmetic.
+Every residual block and attention block reads its input through a scale-invariant norm (GroupNorm
+up to its eps, 1e-6; Wan's RMS norm, `F.normalize`). So the residual stream between two layers that
+start it can be multiplied by any factor s if everything that writes into that stretch is: the
+layer that starts it (`conv_in`, a block's `nin_shortcut`, a resampling conv: weight by s / s_old,
+bias by s), and each block's last conv and attention output projection that add into it (weight and
+bias by s). A block's first conv feeds only a norm, so it takes its own factor. What leaves the
+stream through a norm (`norm_out` then `conv_out`, Wan's `head`) is unchanged, so moments and pixels
+are the same in exact arithmetic.
 
-A *segment* is one such stretch: (side, index) → the modules whose outputs scale with it.
+A plan lists every linear layer that must change as a `Link` between two scales (keys), and for each
+key the modules whose outputs carry it (where the fix measures). Keys: (side, index) for the k-th
+stretch of a side's stream, ("inner", name) for a conv feeding only a norm. Plans are found from the
+model's structure by attribute names (duck typing, no host import): the CompVis layout (this
+engine's model; ComfyUI's KL and HunyuanVideo 1.0 models) and Wan 2.1's (`PLANS`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 from torch import nn
 
-from .model import AttnBlock, AutoencoderKL, Downsample, ResnetBlock, Upsample
+Key = tuple
+
+
+@dataclass(frozen=True)
+class Link:
+    """A linear layer whose input is at scale `into` (None: it reads through a norm or the VAE's own
+    input, whose scale never changes) and whose output is at scale `out`."""
+    module: nn.Module
+    into: Optional[Key]
+    out: Key
 
 
 @dataclass
-class Segment:
-    side: str                                   # "encoder" | "decoder"
-    index: int
-    start: nn.Conv2d                            # the conv that writes the stream first in this stretch
-    writers: list = field(default_factory=list)  # convs adding into the stream here (conv2, proj_out)
-    outputs: list = field(default_factory=list)  # modules whose outputs are in this segment's scale
+class ScalePlan:
+    links: list = field(default_factory=list)      # Link, in call order
+    measured: dict = field(default_factory=dict)   # key -> modules whose outputs are at that key's scale
+    structure: str = ""                            # "CompVis" | "Wan 2.1"
+
+    @property
+    def stream_keys(self) -> list:
+        return [k for k in self.measured if k[0] != "inner"]
 
 
-def _stream_layers(model: AutoencoderKL, side: str) -> list[nn.Module]:
-    net = getattr(model, side)
-    if side == "encoder":
-        return [m for level in net.down for m in level.layers()] + list(net.mid.layers())
-    return list(net.mid.layers()) + [m for level in reversed(net.up) for m in level.layers()]
+class _Builder:
+    """Walks one side's residual stream in call order and records its links."""
+
+    def __init__(self, plan: ScalePlan, side: str, names: dict):
+        self.plan, self.side, self.names, self.key = plan, side, names, None
+
+    def start(self, module: nn.Module, *outputs: nn.Module) -> None:
+        """`module` reads the stream at the current scale and starts a new stretch."""
+        new = (self.side, 0 if self.key is None else self.key[1] + 1)
+        self.plan.links.append(Link(module, self.key, new))
+        self.plan.measured[new] = [module, *outputs]
+        self.key = new
+
+    def keep(self, module: nn.Module) -> None:
+        """`module` reads and writes the current stretch (bias by s, weight unchanged)."""
+        self.plan.links.append(Link(module, self.key, self.key))
+        self.plan.measured[self.key].append(module)
+
+    def write(self, module: nn.Module, block: nn.Module) -> None:
+        """`module` reads through a norm and adds into the current stretch (`block`'s output)."""
+        self.plan.links.append(Link(module, None, self.key))
+        self.plan.measured[self.key] += [module, block]
+
+    def inner(self, module: nn.Module) -> None:
+        """`module` reads through a norm and feeds only a norm: a factor of its own."""
+        key = ("inner", self.names[module])
+        self.plan.links.append(Link(module, None, key))
+        self.plan.measured[key] = [module]
 
 
-def segments(model: AutoencoderKL) -> list[Segment]:
-    """Every stretch of the encoder's and decoder's residual streams, in call order."""
-    found = []
-    for side in ("encoder", "decoder") if model.decoder is not None else ("encoder",):
-        seg = Segment(side, 0, getattr(model, side).conv_in, outputs=[getattr(model, side).conv_in])
-        found.append(seg)
-        for layer in _stream_layers(model, side):
-            if isinstance(layer, ResnetBlock) and layer.nin_shortcut is not None:
-                seg = Segment(side, seg.index + 1, layer.nin_shortcut, outputs=[layer.nin_shortcut])
-                found.append(seg)
-            elif isinstance(layer, (Downsample, Upsample)):
-                seg = Segment(side, seg.index + 1, layer.conv, outputs=[layer.conv, layer])
-                found.append(seg)
-                continue
-            if isinstance(layer, ResnetBlock):
-                seg.writers.append(layer.conv2)
-                seg.outputs += [layer.conv2, layer]
-            elif isinstance(layer, AttnBlock):
-                seg.writers.append(layer.proj_out)
-                seg.outputs.append(layer)
-    return found
+# ---------------------------------------------------------------- CompVis layout
+
+def _compvis_layers(net: nn.Module, side: str) -> list:
+    mid = [m for m in (getattr(net.mid, n, None) for n in ("block_1", "attn_1", "block_2")) if m is not None]
+    levels = net.down if side == "encoder" else list(reversed(net.up))
+    layers = [] if side == "encoder" else mid
+    for level in levels:
+        attns = list(getattr(level, "attn", []))
+        for i, block in enumerate(level.block):
+            layers += [block] + ([attns[i]] if i < len(attns) else [])
+        layers += [m for m in (getattr(level, n, None) for n in ("downsample", "upsample")) if m is not None]
+    return layers + (mid if side == "encoder" else [])
 
 
-def inner_convs(model: AutoencoderKL) -> list[nn.Conv2d]:
-    """The `conv1` of every block: each feeds only a GroupNorm, so it scales on its own."""
-    return [m.conv1 for m in model.modules() if isinstance(m, ResnetBlock)]
+def _compvis_side(plan: ScalePlan, net: nn.Module, side: str, names: dict) -> None:
+    walk = _Builder(plan, side, names)
+    walk.start(net.conv_in)
+    for layer in _compvis_layers(net, side):
+        if hasattr(layer, "conv1") and hasattr(layer, "conv2"):  # ResnetBlock
+            walk.inner(layer.conv1)
+            shortcut = getattr(layer, "nin_shortcut", None) or getattr(layer, "conv_shortcut", None)
+            if shortcut is not None:
+                walk.start(shortcut)
+            walk.write(layer.conv2, layer)
+        elif hasattr(layer, "proj_out"):  # AttnBlock
+            walk.write(layer.proj_out, layer)
+        else:  # Downsample / Upsample: a conv on the (padded / interpolated) stream
+            walk.start(layer.conv, layer)
 
+
+def compvis_plan(model: nn.Module) -> ScalePlan:
+    plan, names = ScalePlan(structure="CompVis"), {m: n for n, m in model.named_modules()}
+    for side in ("encoder", "decoder"):
+        if getattr(model, side, None) is not None:
+            _compvis_side(plan, getattr(model, side), side, names)
+    return plan
+
+
+# ---------------------------------------------------------------- Wan 2.1 layout
+
+def _wan_side(plan: ScalePlan, net: nn.Module, side: str, names: dict) -> None:
+    walk = _Builder(plan, side, names)
+    walk.start(net.conv1)
+    layers = list(net.downsamples) + list(net.middle) if side == "encoder" else list(net.middle) + list(net.upsamples)
+    for layer in layers:
+        if hasattr(layer, "residual"):  # ResidualBlock: norm, SiLU, conv, norm, SiLU, dropout, conv (+ shortcut)
+            convs = [m for m in layer.residual if isinstance(m, (nn.Conv2d, nn.Conv3d))]
+            walk.inner(convs[0])
+            if isinstance(layer.shortcut, (nn.Conv2d, nn.Conv3d)):
+                walk.start(layer.shortcut)
+            walk.write(convs[-1], layer)
+        elif hasattr(layer, "proj"):  # AttentionBlock
+            walk.write(layer.proj, layer)
+        elif hasattr(layer, "resample"):  # Resample: upsample3d runs time_conv first, downsample3d after
+            time_conv, conv = getattr(layer, "time_conv", None), layer.resample[-1]
+            if time_conv is not None and layer.mode.startswith("upsample"):
+                walk.keep(time_conv)
+            walk.start(conv, layer)
+            if time_conv is not None and layer.mode.startswith("downsample"):
+                walk.keep(time_conv)  # the first chunk skips it: its output must be at the new scale too
+
+
+def wan_plan(model: nn.Module) -> ScalePlan:
+    plan, names = ScalePlan(structure="Wan 2.1"), {m: n for n, m in model.named_modules()}
+    for side in ("encoder", "decoder"):
+        _wan_side(plan, getattr(model, side), side, names)
+    return plan
+
+
+PLANS = {"CompVis": compvis_plan, "Wan 2.1": wan_plan}  # structure -> plan (the host adapter names each family's)
+
+
+# ---------------------------------------------------------------- applying factors
 
 @torch.no_grad()
-def _scale(conv: nn.Conv2d, weight: float, bias: float) -> None:
-    conv.weight.mul_(weight)
-    if conv.bias is not None:
-        conv.bias.mul_(bias)
+def _scale(module: nn.Module, weight: float, bias: float) -> None:
+    if not hasattr(module, "weight"):  # a wrapper that pads, then runs its `conv` (HunyuanVideo's VideoConv3d)
+        module = module.conv
+    if weight != 1.0:
+        module.weight.mul_(weight)
+    if getattr(module, "bias", None) is not None and bias != 1.0:
+        module.bias.mul_(bias)
 
 
-@torch.no_grad()
-def apply_scales(model: AutoencoderKL, stream: dict, inner: dict) -> None:
-    """Multiply stream segment (side, index) by `stream[(side, index)]` and each `conv1` named in
-    `inner` by its factor (missing: 1). In place; the function is unchanged up to the norms' eps."""
-    previous = {}
-    for seg in segments(model):
-        s = float(stream.get((seg.side, seg.index), 1.0))
-        s_old = 1.0 if seg.index == 0 else previous[seg.side]
-        _scale(seg.start, s / s_old, s)
-        for conv in seg.writers:
-            _scale(conv, s, s)
-        previous[seg.side] = s
-    names = {m: n for n, m in model.named_modules()}
-    for conv in inner_convs(model):
-        t = float(inner.get(names[conv], 1.0))
-        if t != 1.0:
-            _scale(conv, t, t)
+def apply_scales(plan: ScalePlan, factors: dict) -> None:
+    """Multiply every key's scale by `factors[key]` (missing: 1): each link's weight by
+    out / into and its bias by out. In place; the function is unchanged up to the norms' eps."""
+    for link in plan.links:
+        out = float(factors.get(link.out, 1.0))
+        into = 1.0 if link.into is None else float(factors.get(link.into, 1.0))
+        _scale(link.module, out / into, out)

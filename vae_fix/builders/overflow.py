@@ -3,12 +3,13 @@ residual streams are multiplied by exact, function-preserving factors (`fp16_sca
 so fp32 gives the same outputs and fp16 gives inf."""
 from __future__ import annotations
 
-from ..fp16_scales import apply_scales, segments
+from ..fp16_scales import apply_scales, compvis_plan
 from ..model import AutoencoderKL, preset_config, random_vae
 
 
 def overflowing_vae(family: str = "sd", seed: int = 0, factor: float = 3e4) -> AutoencoderKL:
     """Small `family` layout; segment k of each stream multiplied by `factor` x (1 + k)."""
     model = random_vae(preset_config(family, small=True), seed).eval()
-    apply_scales(model, {(s.side, s.index): factor * (1 + s.index) for s in segments(model)}, {})
+    plan = compvis_plan(model)
+    apply_scales(plan, {key: factor * (1 + key[1]) for key in plan.stream_keys})
     return model

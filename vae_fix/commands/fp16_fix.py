@@ -3,12 +3,11 @@ its fp32 outputs unchanged; prove it and write the fixed file in the input's lay
 from __future__ import annotations
 
 
-from ..builders.planted import demo_image
 from ..errors import InputError
-from ..fp16_fix import DEFAULT_HEADROOM, FP16_MAX, fixed_file, fp16_fix
+from ..fp16_fix import DEFAULT_HEADROOM, FP16_MAX, fix_file
 from ..images import load_image
 from ..model import PADDING_MODES
-from ..probes import SIZES, check_sizes, probe_images
+from ..probes import SIZES, check_sizes
 from ..result import check_out_dir, write_file_atomically
 from ._common import finish, new_safetensors_file, progress
 
@@ -39,21 +38,17 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ..loader import load_vae, save_vae
+    from ..loader import read_vae, save_vae
 
     out = new_safetensors_file(args.out)
     report = check_out_dir(args.report or out.with_name(out.stem + "_fp16_report"), "--report")
-    images, names = probe_images(check_sizes(args.probe_sizes, "--probe-sizes"))
-    extra = _user_images(args.images)
-    held = [demo_image(s, s, None) for s in check_sizes(args.check_sizes, "--check-sizes")]
-    vae = load_vae(args.vae, padding=args.padding)
-    result = fp16_fix(vae.model, images + [x for x, _ in extra], names + [n for _, n in extra], held_out=held,
-                      held_out_names=[f"demo@{s}" for s in args.check_sizes], headroom=args.headroom,
+    probes, checks = check_sizes(args.probe_sizes, "--probe-sizes"), check_sizes(args.check_sizes, "--check-sizes")
+    extra, source = _user_images(args.images), read_vae(args.vae)
+    result = fix_file(source, probes, checks, extra, headroom=args.headroom, padding=args.padding,
                       progress=progress(args, "fp16-fix"))
     written = result.safe and result.changed
     if written:
-        fixed = fixed_file(result, vae.file)
-        write_file_atomically(out, lambda path: save_vae(fixed, path, layout=vae.file.layout))
+        write_file_atomically(out, lambda path: save_vae(result.file, path, layout=source.layout))
     finish(result, args, out=report, note=f"{'wrote' if written else 'did not write'} {out}; the report is in {report}")
     return 0 if result.safe else 1
 
