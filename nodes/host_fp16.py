@@ -13,10 +13,11 @@ import copy
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from ..vae_fix.builders.planted import demo_image
 from ..vae_fix import loader
-from ..vae_fix.containers import RawWeights, write_safetensors
+from ..vae_fix.containers import RawWeights
 from ..vae_fix.errors import InputError
 from ..vae_fix.fp16_fix import DEFAULT_HEADROOM, Fp16FixResult, Runner, fix_file, fp16_fix
 from ..vae_fix.fp16_scales import PLANS
@@ -83,7 +84,7 @@ def fix_vae(vae, probes, checks, headroom: float = DEFAULT_HEADROOM, dtype: str 
     result.require_safe()
     raw = fixed_weights(result, vae)
     return (result, host_loading.load_weights(raw, "the fixed VAE", dtype),
-            lambda path: write_safetensors(raw.tensors, path, raw.metadata))
+            lambda path: save_file(raw.tensors, str(path), metadata=raw.metadata))
 
 
 def fixed_weights(result: Fp16FixResult, vae) -> RawWeights:

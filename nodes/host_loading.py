@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import re
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -56,12 +57,13 @@ def load_strict(path: str, name: str, dtype: str = "auto", padding: str = "zeros
     check_padding(padding)
     raw = read_container(Path(path))
     try:
-        vae_file = loader.validate_weights(raw, str(path))
+        vae_file = loader.validate_weights(raw, str(path), finite=False)
     except VAELoadError as not_kl:
         vae, info = _host_family(raw, str(path), dtype, not_kl)
     else:
         if vae_file.config.decoder_kind == "kl":
-            vae, info = host.to_host_vae(vae_file, dtype, path=name), vae_file.info()
+            vae = _checked_while_built(lambda: host.to_host_vae(vae_file, dtype, path=name), vae_file.state_dict, str(path))
+            info = vae_file.info()
         else:  # SVD: the engine reads only its encoder; the host builds it whole
             vae, info = _host_family(raw, str(path), dtype, None)
     key = family_id(vae.first_stage_model)
@@ -72,6 +74,19 @@ def load_strict(path: str, name: str, dtype: str = "auto", padding: str = "zeros
 def load_weights(raw: RawWeights, name: str, dtype: str = "auto") -> "comfy.sd.VAE":
     """A host VAE of any family from weights already in memory, checked as strictly as a file."""
     return _host_family(raw, name, dtype, None)[0]
+
+
+def _checked_while_built(build, sd: dict, path: str) -> "comfy.sd.VAE":
+    """`build()`, while a second thread checks that every weight is finite: the check reads the whole
+    file once, the host's constructor spends much of that time in Python. A non-finite file is then
+    refused (VAELoadError naming the tensors) and the model built from it dropped."""
+    with ThreadPoolExecutor(1) as pool:
+        checked = pool.submit(loader.check_finite, sd, path)
+        try:
+            vae = build()
+        finally:
+            checked.result()
+    return vae
 
 
 def _pad(vae, padding: str) -> str:

@@ -36,6 +36,7 @@ SENTINELS = {
 _SCRIPT = r'''
 import json, sys
 family, out, seed, sentinels = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4])
+overflow, repo = sys.argv[5], sys.argv[6]
 sys.argv = [sys.argv[0], "--cpu"]
 import comfy.options
 comfy.options.enable_args_parsing()
@@ -64,6 +65,14 @@ for k, v in vae.first_stage_model.state_dict().items():
             v = 0.02 * torch.randn(v.shape, generator=g)              # biases, means, mixing factors
         v = v.half()
     sd[k] = v.contiguous()
+if overflow:  # every stretch of the residual streams scaled up exactly (the pack's plan): fp16 gives inf
+    sys.path.insert(0, repo)
+    from vae_fix.fp16_scales import PLANS, apply_scales
+    model = vae.first_stage_model.float()
+    model.load_state_dict(sd)
+    plan = PLANS[overflow](model)
+    apply_scales(plan, {key: 3e4 * (1 + key[1]) for key in plan.stream_keys})
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}  # float32: scaled weights pass fp16's range
 for k, s in sentinels.items():
     sd.setdefault(k, torch.zeros(s).half())  # a sentinel the model does not keep (Cosmos' wavelets buffer)
 save_file(sd, out)
@@ -74,14 +83,16 @@ print(json.dumps({"model": type(vae.first_stage_model).__name__, "tensors": len(
 _BUILT: dict = {}
 
 
-def family_vae(server: HostServer, family: str, seed: int = 0) -> tuple[str, dict]:
-    """`family`'s random-weight VAE in the server's models/vae (built once per server): (file name, what was built)."""
-    name = f"family_{family}.safetensors"
-    key = (str(server.base), family)
+def family_vae(server: HostServer, family: str, seed: int = 0, overflow: str = "") -> tuple[str, dict]:
+    """`family`'s random-weight VAE in the server's models/vae (built once per server): (file name, what was
+    built). `overflow`: the structure of its residual streams (`fp16_scales.PLANS`), scaled up so fp16 overflows."""
+    name = f"family_{family}{'_overflow' if overflow else ''}.safetensors"
+    key = (str(server.base), name)
     if key not in _BUILT:
         env = dict(os.environ, PYTHONPATH=str(server.comfy_path))
         done = subprocess.run([server.python, "-c", _SCRIPT, family, str(Path(server.vae_dir) / name), str(seed),
-                               json.dumps(SENTINELS[family])], cwd=server.comfy_path, env=env,
+                               json.dumps(SENTINELS[family]), overflow, str(Path(__file__).resolve().parents[1])],
+                              cwd=server.comfy_path, env=env,
                               capture_output=True, text=True, timeout=900)
         if done.returncode != 0:
             raise HostError(f"could not build the {family} VAE:\n{done.stderr[-3000:]}")

@@ -1,6 +1,8 @@
 """VAE fp16 Fix inside a real ComfyUI server (CPU): a VAE that overflows fp16 (its streams scaled up
 exactly), fixed by the node, then run by core VAE Encode / VAE Decode in fp16, against the same
-file decoded in fp32; saved to models/vae under a new name and loaded back by the strict loader."""
+file decoded in fp32; saved to models/vae under a new name and loaded back by the strict loader.
+A Wan 2.1 VAE (the host's own model) likewise, its fp16 emulated on the CPU; families the rescaling
+cannot cover are refused by name."""
 from __future__ import annotations
 
 import json
@@ -8,6 +10,7 @@ import json
 import numpy as np
 import pytest
 
+from host_family_vaes import family_vae
 from host_models import IMAGE, OVERFLOW
 from host_server import failed, images_of, succeeded
 
@@ -49,3 +52,30 @@ def test_the_fixed_vae_runs_in_fp16_in_core_nodes_like_the_original_in_fp32(host
     assert psnr(images_of(host, again, "s")[0], want) > 35, "the saved file is the fix"
     err = failed(host.run(fixed_prompt))  # the name is taken now: refused, nothing replaced
     assert err["node_type"] == "VAEFixFp16Fix" and "already exists" in err["exception_message"]
+
+
+def test_a_wan_vae_that_overflows_fp16_is_fixed_on_the_hosts_own_model(host):
+    name, _ = family_vae(host, "wan21", overflow="Wan 2.1")
+    image = {"class_type": "LoadImage", "inputs": {"image": IMAGE}}
+    fix = {"class_type": "VAEFixFp16Fix", "inputs": {"vae": ["v", 0], "headroom": 16.0, "dtype": "fp32", "probe_sizes": "64",
+                                                     "check_size": 64, "save_as": "wan_fixed.safetensors"}}
+    out = succeeded(host.run({"img": image, "v": load(name, "fp32"), "f": fix, **roundtrip(["f", 0]),
+                              "r": {"class_type": "PreviewAny", "inputs": {"source": ["f", 1]}}}, timeout=900))
+    report = json.loads(out["r"]["text"][0])
+    assert report["family"].startswith("Wan 2.1") and report["fp16"] == "emulated", report["family"]
+    assert report["fp16_safe"] and report["changed"] and report["largest_before"] > 65504 >= report["largest_after"]
+    rows = report["proof"] + report["held_out"]
+    assert not any(r["original_fp16_decode_finite"] or r["original_fp16_finite"] for r in rows), "it must overflow first"
+    assert min(r["fp16_psnr_db"] for r in rows) >= 40 and max(r["fp32_pixel_max_abs_diff"] for r in rows) < 1e-4
+    original = succeeded(host.run({"img": image, "v": load(name, "fp32"), **roundtrip(["v", 0])}))
+    saved = succeeded(host.run({"img": image, "v": load("wan_fixed.safetensors", "fp32"), **roundtrip(["v", 0])}))
+    want = images_of(host, original, "s")[0]
+    assert psnr(images_of(host, out, "s")[0], want) > 40 and psnr(images_of(host, saved, "s")[0], want) > 40
+
+
+def test_a_family_the_rescaling_cannot_cover_is_refused_by_name(host):
+    name, _ = family_vae(host, "hunyuan_image")
+    fix = {"class_type": "VAEFixFp16Fix", "inputs": {"vae": ["v", 0], "headroom": 16.0, "dtype": "fp32", "probe_sizes": "64"}}
+    err = failed(host.run({"v": load(name, "fp32"), "f": fix}))
+    assert err["node_type"] == "VAEFixFp16Fix" and "Hunyuan Image 2.1" in err["exception_message"]
+    assert "parameter-free shortcuts" in err["exception_message"] and "Wan 2.1" in err["exception_message"]

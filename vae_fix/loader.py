@@ -108,11 +108,12 @@ def read_vae(path) -> VAEFile:
     return validate_weights(read_container(Path(path)), str(path))
 
 
-def validate_weights(raw: RawWeights, path: str) -> VAEFile:
+def validate_weights(raw: RawWeights, path: str, finite: bool = True) -> VAEFile:
     """The full KL validation of what a container held (`containers.read_container`), as `read_vae`
     does it: layout, prefix, every key and shape of the architecture the shapes describe, finite
-    floating-point values. VAELoadError naming `path` otherwise."""
-    return _validate(raw, path)
+    floating-point values (`finite=False`: the caller runs `check_finite` itself, before using the
+    weights). VAELoadError naming `path` otherwise."""
+    return _validate(raw, path, finite)
 
 
 def load_vae(path, device="cpu", dtype: torch.dtype = torch.float32, padding: str = "zeros") -> LoadedVAE:
@@ -188,7 +189,7 @@ def save_vae(vae, path, layout: str = "compvis", metadata: dict | None = None) -
 
 # ---------------------------------------------------------------- validation
 
-def _validate(raw: RawWeights, path: str) -> VAEFile:
+def _validate(raw: RawWeights, path: str, finite: bool = True) -> VAEFile:
     where = str(raw.weights_path)
     sd, layout, prefix, ignored = layouts.to_compvis(raw.tensors, source=where)
     notes = list(raw.notes)
@@ -204,7 +205,7 @@ def _validate(raw: RawWeights, path: str) -> VAEFile:
                      f"not a KL image decoder; its {len(dropped)} tensors were skipped, only the encoder is available")
     config = _infer(sd, where)
     _check_keys(sd, config, foreign, where)
-    _check_values(sd, where)
+    _check_values(sd, where, finite)
     extra = {}
     if raw.config_json is not None:
         layouts.check_diffusers_config(raw.config_json, config, foreign, raw.weights_path.parent / "config.json")
@@ -277,11 +278,12 @@ def _check_keys(sd: dict, config: VAEConfig, foreign: bool, where: str) -> None:
                            "shapes consistent with encoder.conv_in, the level widths and the latent channels", wrong)
 
 
-def _check_values(sd: dict, where: str) -> None:
+def _check_values(sd: dict, where: str, finite: bool = True) -> None:
     not_float = [f"{k} ({v.dtype})" for k, v in sd.items() if not v.is_floating_point()]
     if not_float:
         raise VAELoadError(where, "some weights are not floating point", "float32, float16 or bfloat16 weights", not_float)
-    check_finite(sd, where)
+    if finite:
+        check_finite(sd, where)
 
 
 def check_finite(sd: dict, where: str) -> None:

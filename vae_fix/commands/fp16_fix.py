@@ -14,7 +14,9 @@ from ._common import finish, new_safetensors_file, progress
 NAME = "fp16-fix"
 HELP = ("Rescale a KL VAE's weights (exactly: every GroupNorm ignores the scale of its input) so no activation "
         "on the probe images exceeds fp16's range over --headroom, check that fp32 outputs are unchanged and fp16 "
-        "outputs are finite and close, and write the fixed VAE (in the input's layout) only when they are.")
+        "outputs are finite and close, and write the fixed VAE (in the input's layout) only when they are. "
+        "KL VAE files (SD1.x/2.x, SDXL, SD3, Flux, retrained); the VAE fp16 Fix node also fixes HunyuanVideo 1.0 "
+        "and Wan 2.1 / Qwen-Image, through ComfyUI's own model classes.")
 
 
 def add_arguments(p) -> None:
