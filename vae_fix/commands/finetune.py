@@ -50,9 +50,8 @@ def run(args) -> int:
     from ..loader import load_vae
     from ..train_data import folder_files, load_images
 
-    out = new_safetensors_file(args.out)
+    out, settings = new_safetensors_file(args.out), FinetuneSettings(**flag_values(args, FLAGS)).check()
     report = check_out_dir(args.report or out.with_name(out.stem + "_finetune_report"), "--report")
-    settings = FinetuneSettings(**flag_values(args, FLAGS)).check()
     images = load_images(folder_files(args.images) if args.images else None, held_out=())
     world, device = world_from_env(pick_device(args.device))
     try:
