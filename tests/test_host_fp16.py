@@ -76,6 +76,7 @@ def test_a_wan_vae_that_overflows_fp16_is_fixed_on_the_hosts_own_model(host):
 def test_a_family_the_rescaling_cannot_cover_is_refused_by_name(host):
     name, _ = family_vae(host, "hunyuan_image")
     fix = {"class_type": "VAEFixFp16Fix", "inputs": {"vae": ["v", 0], "headroom": 16.0, "dtype": "fp32", "probe_sizes": "64"}}
-    err = failed(host.run({"v": load(name, "fp32"), "f": fix}))
+    err = failed(host.run({"v": load(name, "fp32"), "f": fix,
+                           "r": {"class_type": "PreviewAny", "inputs": {"source": ["f", 1]}}}))
     assert err["node_type"] == "VAEFixFp16Fix" and "Hunyuan Image 2.1" in err["exception_message"]
     assert "parameter-free shortcuts" in err["exception_message"] and "Wan 2.1" in err["exception_message"]
