@@ -23,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from host_family_vaes import SENTINELS, family_vae
+from host_models import CLEAN
 from host_prompts import core, encode, load_image, ours, preview_text, save_latent, saved_latent, server_still_serves
 from host_server import failed, images_of, succeeded
 
@@ -120,6 +121,16 @@ def test_a_weight_holding_nan_is_refused_naming_it(host, family_file):
         return tensors
     message = refusal(host, copy_of(host, name, "nan_wan21.safetensors", poison))
     assert "decoder.head.2.weight (1 NaN, 0 inf)" in message
+
+
+def test_a_kl_weight_holding_inf_is_refused_though_the_check_runs_beside_the_build(host):
+    # a KL file's finite check runs in a second thread while the host builds the model: the refusal stands
+    def poison(tensors):
+        tensors["encoder.conv_in.weight"] = tensors["encoder.conv_in.weight"].clone()
+        tensors["encoder.conv_in.weight"].view(-1)[3] = float("inf")
+        return tensors
+    message = refusal(host, copy_of(host, CLEAN, "inf_sdxl.safetensors", poison))
+    assert "encoder.conv_in.weight (0 NaN, 1 inf)" in message and "inf_sdxl.safetensors" in message
 
 
 def test_a_weight_of_the_wrong_shape_is_refused_naming_it_and_the_family(host, family_file):
