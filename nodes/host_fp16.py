@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..vae_fix.builders.planted import demo_image
 from ..vae_fix import loader
+from ..vae_fix.builders.planted import demo_image
 from ..vae_fix.containers import RawWeights
 from ..vae_fix.errors import InputError
 from ..vae_fix.fp16_fix import DEFAULT_HEADROOM, Fp16FixResult, Runner, fix_file, fp16_fix
