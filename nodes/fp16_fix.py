@@ -22,7 +22,7 @@ class VAEFp16Fix(io.ComfyNode):
                          "images from half precision go away, fp32 outputs stay the same. Proven before it is handed on: "
                          "fp16 must be finite and at least 40 dB from fp32, else the node stops and names the layer. "
                          "Covers KL VAEs (SD1.x/2.x, SDXL, SD3, Flux, retrained), HunyuanVideo 1.0 and Wan 2.1 / "
-                         "Qwen-Image (video VAEs: proven on one-frame clips, fp16 emulated on a CPU); other families "
+                         "Qwen-Image / 2.2 (video VAEs: proven on one-frame clips, fp16 emulated on a CPU); other families "
                          "are refused, saying why."),
             inputs=[
                 io.Vae.Input("vae", tooltip="A VAE of a covered family (Load VAE, Load VAE (strict), a checkpoint's VAE); it is not changed."),

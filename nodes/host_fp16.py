@@ -2,8 +2,8 @@
 families the exact rescaling covers, and how the fix runs the host's own model.
 
 KL image VAEs (SD1.x/2.x, SDXL, SD3, Flux, retrained) go through the engine's model, as the CLI
-does. HunyuanVideo 1.0 (the CompVis blocks with 3-D convolutions) and Wan 2.1 / Qwen-Image (RMS
-norms, which are scale-invariant too) are fixed on a float32 CPU copy of the host's model, one-frame
+does. HunyuanVideo 1.0 (the CompVis blocks with 3-D convolutions) and Wan 2.1 / Qwen-Image and 2.2
+(RMS norms, which are scale-invariant too) are fixed on a float32 CPU copy of the host's model, one-frame
 clips in and out; their fp16 proof is emulated on a CPU (`fp16_fix.half_copy`), where fp16 3-D
 convolutions are hundreds of times slower. Every other family is refused by name, saying why.
 """
@@ -27,17 +27,16 @@ from .host_codec import place_model
 from .host_families import FAMILIES, family_id, family_of
 
 ENGINE = ("kl", "kl_engine")                                   # the engine's own model and loader
-ON_HOST = {"hunyuan_video": "CompVis", "wan21": "Wan 2.1"}     # family -> structure of its residual streams
+ON_HOST = {"hunyuan_video": "CompVis", "wan21": "Wan", "wan22": "Wan"}  # family -> structure of its residual streams
 _PARAMETER_FREE = ("its resampling layers and its encoder's output add parameter-free shortcuts of the residual "
                    "stream (channel means and repeats), which tie the stream's scale to the image's and the latent's: "
                    "no exact rescaling exists")
 WHY_NOT = {
     "hunyuan_image": _PARAMETER_FREE, "hunyuan_video15": _PARAMETER_FREE, "hunyuan_image_refiner": _PARAMETER_FREE,
-    "wan22": "its stages add parameter-free average-pooling shortcuts around whole stages: not covered yet",
     "svd": "its temporal decoder blends frames with learned factors outside the norms: not covered yet",
     "mochi": "not covered yet", "ltxv": "not covered yet", "taesd": "it has no normalisation layers to absorb a scale",
 }
-COVERED = ("KL autoencoders (SD1.x/2.x, SDXL, SD3, Flux, retrained), HunyuanVideo 1.0, Wan 2.1 / Qwen-Image")
+COVERED = ("KL autoencoders (SD1.x/2.x, SDXL, SD3, Flux, retrained), HunyuanVideo 1.0, Wan 2.1 / Qwen-Image, Wan 2.2")
 
 
 def engine_family(vae) -> bool:

@@ -55,7 +55,7 @@ def test_the_fixed_vae_runs_in_fp16_in_core_nodes_like_the_original_in_fp32(host
 
 
 def test_a_wan_vae_that_overflows_fp16_is_fixed_on_the_hosts_own_model(host):
-    name, _ = family_vae(host, "wan21", overflow="Wan 2.1")
+    name, _ = family_vae(host, "wan21", overflow="Wan")
     image = {"class_type": "LoadImage", "inputs": {"image": IMAGE}}
     fix = {"class_type": "VAEFixFp16Fix", "inputs": {"vae": ["v", 0], "headroom": 16.0, "dtype": "fp32", "probe_sizes": "64",
                                                      "check_size": 64, "save_as": "wan_fixed.safetensors"}}

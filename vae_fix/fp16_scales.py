@@ -13,7 +13,9 @@ A plan lists every linear layer that must change as a `Link` between two scales 
 key the modules whose outputs carry it (where the fix measures). Keys: (side, index) for the k-th
 stretch of a side's stream, ("inner", name) for a conv feeding only a norm. Plans are found from the
 model's structure by attribute names (duck typing, no host import): the CompVis layout (this
-engine's model; ComfyUI's KL and HunyuanVideo 1.0 models) and Wan 2.1's (`PLANS`).
+engine's model; ComfyUI's KL and HunyuanVideo 1.0 models) and Wan 2.1's and 2.2's (`PLANS`). Where a
+parameter-free shortcut (Wan 2.2's channel-averaging stages) adds a block's input to its output, the
+whole block keeps its input's scale.
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ class Link:
 class ScalePlan:
     links: list = field(default_factory=list)      # Link, in call order
     measured: dict = field(default_factory=dict)   # key -> modules whose outputs are at that key's scale
-    structure: str = ""                            # "CompVis" | "Wan 2.1"
+    structure: str = ""                            # "CompVis" | "Wan"
 
     @property
     def stream_keys(self) -> list:
@@ -51,9 +53,15 @@ class _Builder:
 
     def __init__(self, plan: ScalePlan, side: str, names: dict):
         self.plan, self.side, self.names, self.key = plan, side, names, None
+        self.pinned = 0  # inside a block whose parameter-free shortcut ties its output to its input's scale
 
     def start(self, module: nn.Module, *outputs: nn.Module) -> None:
-        """`module` reads the stream at the current scale and starts a new stretch."""
+        """`module` reads the stream at the current scale and starts a new stretch (keeps the current
+        one where the stream's scale is pinned)."""
+        if self.pinned:
+            self.keep(module)
+            self.plan.measured[self.key] += list(outputs)
+            return
         new = (self.side, 0 if self.key is None else self.key[1] + 1)
         self.plan.links.append(Link(module, self.key, new))
         self.plan.measured[new] = [module, *outputs]
@@ -114,14 +122,24 @@ def compvis_plan(model: nn.Module) -> ScalePlan:
     return plan
 
 
-# ---------------------------------------------------------------- Wan 2.1 layout
+# ---------------------------------------------------------------- Wan 2.1 / 2.2 layout
 
 def _wan_side(plan: ScalePlan, net: nn.Module, side: str, names: dict) -> None:
     walk = _Builder(plan, side, names)
     walk.start(net.conv1)
-    layers = list(net.downsamples) + list(net.middle) if side == "encoder" else list(net.middle) + list(net.upsamples)
+    _wan_layers(walk, list(net.downsamples) + list(net.middle) if side == "encoder" else
+                list(net.middle) + list(net.upsamples))
+
+
+def _wan_layers(walk: _Builder, layers) -> None:
     for layer in layers:
-        if hasattr(layer, "residual"):  # ResidualBlock: norm, SiLU, conv, norm, SiLU, dropout, conv (+ shortcut)
+        if hasattr(layer, "avg_shortcut"):  # Wan 2.2's stage: its main path + a parameter-free shortcut of its input
+            pinned = layer.avg_shortcut is not None
+            walk.pinned += pinned
+            _wan_layers(walk, layer.downsamples if hasattr(layer, "downsamples") else layer.upsamples)
+            walk.pinned -= pinned
+            walk.plan.measured[walk.key].append(layer)
+        elif hasattr(layer, "residual"):  # ResidualBlock: norm, SiLU, conv, norm, SiLU, dropout, conv (+ shortcut)
             convs = [m for m in layer.residual if isinstance(m, (nn.Conv2d, nn.Conv3d))]
             walk.inner(convs[0])
             if isinstance(layer.shortcut, (nn.Conv2d, nn.Conv3d)):
@@ -139,13 +157,13 @@ def _wan_side(plan: ScalePlan, net: nn.Module, side: str, names: dict) -> None:
 
 
 def wan_plan(model: nn.Module) -> ScalePlan:
-    plan, names = ScalePlan(structure="Wan 2.1"), {m: n for n, m in model.named_modules()}
+    plan, names = ScalePlan(structure="Wan"), {m: n for n, m in model.named_modules()}
     for side in ("encoder", "decoder"):
         _wan_side(plan, getattr(model, side), side, names)
     return plan
 
 
-PLANS = {"CompVis": compvis_plan, "Wan 2.1": wan_plan}  # structure -> plan (the host adapter names each family's)
+PLANS = {"CompVis": compvis_plan, "Wan": wan_plan}  # structure -> plan (the host adapter names each family's)
 
 
 # ---------------------------------------------------------------- applying factors

@@ -16,7 +16,7 @@ HELP = ("Rescale a KL VAE's weights (exactly: every GroupNorm ignores the scale 
         "on the probe images exceeds fp16's range over --headroom, check that fp32 outputs are unchanged and fp16 "
         "outputs are finite and close, and write the fixed VAE (in the input's layout) only when they are. "
         "KL VAE files (SD1.x/2.x, SDXL, SD3, Flux, retrained); the VAE fp16 Fix node also fixes HunyuanVideo 1.0 "
-        "and Wan 2.1 / Qwen-Image, through ComfyUI's own model classes.")
+        "and Wan 2.1 / Qwen-Image / 2.2, through ComfyUI's own model classes.")
 
 
 def add_arguments(p) -> None:
