@@ -1,5 +1,4 @@
 """Compare VAEs: two VAEs on the same images, side by side (anomalies, KL, reach, reconstruction)."""
-from __future__ import annotations
 
 from comfy_api.v0_0_2 import io, ui
 

@@ -1,6 +1,5 @@
 """Convert VAE File: a VAE in models/vae rewritten in the CompVis or diffusers layout, as
 `python -m vae_fix convert` does."""
-from __future__ import annotations
 
 from comfy_api.v0_0_2 import io, ui
 

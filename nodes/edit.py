@@ -1,7 +1,6 @@
 """Latent Channel Edit: one operation on chosen channels of a LATENT (image or video), any channel
 count, optionally through a mask, on chosen batch items and (video) chosen frames. The input LATENT is never modified; every other key of it
 (noise_mask, batch_index, type, ...) is kept."""
-from __future__ import annotations
 
 from comfy_api.v0_0_2 import io
 

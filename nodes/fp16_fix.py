@@ -1,6 +1,5 @@
 """VAE fp16 Fix: the same VAE with its weights rescaled so half precision cannot overflow, fp32
 outputs unchanged, proven on the probes; optionally saved to models/vae (engine: `vae_fix.fp16_fix`)."""
-from __future__ import annotations
 
 from comfy_api.v0_0_2 import io, ui
 

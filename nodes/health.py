@@ -1,6 +1,5 @@
 """VAE Health Check: the verdict on a VAE from the built-in probe images, with nothing to connect
 but the VAE (engine: `vae_fix.inspect.inspect_vae` with no images, `vae_fix.probes`)."""
-from __future__ import annotations
 
 from comfy_api.v0_0_2 import io, ui
 

@@ -1,22 +1,16 @@
 """Inspect VAE (black holes): the raw posterior of any KL VAE the host loaded, its anomalous cells
 boxed on the image, per-channel maps, the schema-1 report and its summary (engine: `vae_fix.inspect`).
 """
-from __future__ import annotations
 
 from comfy_api.v0_0_2 import io, ui
 
 from ..vae_fix import anomaly, posterior, viz
 from ..vae_fix.inspect import inspect_vae
 from . import host, wire
+from .tooltips import COLORMAP_TIP, SIZE_POLICY_TIP
 
-SIZE_POLICY_TIP = ("What to do when the image size is not a multiple of the VAE's downscale (8 for SD): "
-                   "'crop' keeps the centre (as core's VAE Encode does), 'pad' repeats the edge so every pixel is seen.")
 CLIP = "one clip (video VAEs)"
 FRAMES = {CLIP: True, "each image alone": False}
-FRAMES_TIP = ("For a video VAE (Wan, HunyuanVideo, Mochi, LTXV): the image batch is the frames of one clip, as core's "
-              "VAE Encode takes it, and each latent frame is judged (the report says which input frames it covers); "
-              "or each image is encoded alone as a one-frame clip. Image VAEs always take each image alone.")
-COLORMAP_TIP = "Colour scale: viridis/magma/inferno are perceptually uniform (dark = low); gray for plain intensity."
 
 
 class InspectVAE(io.ComfyNode):
@@ -43,7 +37,11 @@ class InspectVAE(io.ComfyNode):
                                        "smooth VAEs stay under 2 nats on any content."),
                 io.Combo.Input("colormap", options=list(viz.CMAPS), default="magma", tooltip=COLORMAP_TIP),
                 io.Combo.Input("size_policy", options=list(posterior.SIZE_POLICIES), default="crop", tooltip=SIZE_POLICY_TIP),
-                io.Combo.Input("frames", options=list(FRAMES), default=CLIP, optional=True, tooltip=FRAMES_TIP),
+                io.Combo.Input("frames", options=list(FRAMES), default=CLIP, optional=True,
+                               tooltip="For a video VAE (Wan, HunyuanVideo, Mochi, LTXV): the image batch is the frames "
+                                       "of one clip, as core's VAE Encode takes it, and each latent frame is judged (the "
+                                       "report says which input frames it covers); or each image is encoded alone as a "
+                                       "one-frame clip. Image VAEs always take each image alone."),
             ],
             outputs=[
                 io.Image.Output("overlay", display_name="overlay",

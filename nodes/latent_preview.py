@@ -1,6 +1,5 @@
 """Latent Preview (RGB): a latent shown as colours without decoding, for any family or VAE; a video
 latent as one picture per frame."""
-from __future__ import annotations
 
 from comfy_api.v0_0_2 import io, ui
 

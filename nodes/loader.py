@@ -1,5 +1,4 @@
 """Load VAE (strict): a drop-in replacement for core's Load VAE that refuses broken files."""
-from __future__ import annotations
 
 import json
 

@@ -1,14 +1,13 @@
 """Log-Variance Map: the raw or clamped posterior log-variance, or the KL per cell, of any KL VAE
 the host loaded, for any channel choice (engine: `vae_fix.logvar_map`).
 """
-from __future__ import annotations
 
 from comfy_api.v0_0_2 import io, ui
 
 from ..vae_fix import posterior, viz
 from ..vae_fix.logvar_map import RANGE_MODES, logvar_map
 from . import host, wire
-from .inspect import COLORMAP_TIP, SIZE_POLICY_TIP
+from .tooltips import COLORMAP_TIP, SIZE_POLICY_TIP
 
 # the node's combo labels → the engine's values
 SHOW = {"lowest over channels": "min", "mean over channels": "mean", "every channel (grid)": "grid", "one channel": "one"}

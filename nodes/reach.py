@@ -6,24 +6,13 @@ passes through the host's own decoder. Latent Cell Reach: the exact measure for 
 decode per cell. Units: change in 0..1 image units; near field = `window` cells around the cell.
 A video latent is measured one latent frame at a time (`index` counts frames), each decoded alone.
 """
-from __future__ import annotations
 
 from comfy_api.v0_0_2 import io, ui
 
 from ..vae_fix import reach, viz
 from . import host, wire
+from .tooltips import FACTOR_TIP, INDEX_TIP, MODE_TIP, WINDOW_TIP
 
-MODE_TIP = ("How each cell is changed: 'median' replaces it by the median of its 8 neighbours (removes a spike: "
-            "the question 'what does this cell carry that its neighbours do not'), 'zero' sets it to 0, "
-            "'scale' multiplies it by 'factor'.")
-FACTOR_TIP = "Only for mode 'scale': the cell is multiplied by this (e.g. 2 or 0.5; 1 changes nothing)."
-WINDOW_TIP = ("Near field, in latent cells around the cell (3: a 7x7-cell box, 56 px for SD). Changes inside it "
-              "are expected; the reach is what changes outside it.")
-INDEX_TIP = ("Which latent of the batch to measure (0-based). A video latent [B, C, T, h, w]: which latent frame, "
-             "counted item by item (item b, frame t is b x T + t); that frame is decoded alone.")
-CELLS_EXAMPLE = ("'9,21' or '9,21; 3,4' (y,x latent cells, 0-based); empty: the reach map's 8 strongest cells; "
-                 "'all': every cell (one decode each: 1,025 for a 512 px SD image; the cost is shown on the node "
-                 "before it starts, and Cancel stops it)")
 
 
 class LatentReachMap(io.ComfyNode):
@@ -91,7 +80,11 @@ class LatentCellReach(io.ComfyNode):
                 io.Vae.Input("vae", tooltip="The VAE whose decoder is tested (KL VAEs of any family, or TAESD)."),
                 io.Latent.Input("latent", tooltip="The latent to test, e.g. from VAE Encode or a sampler; image or "
                                                   "video [B, C, T, h, w]."),
-                io.String.Input("cells", default="", tooltip=f"Cells to measure: {CELLS_EXAMPLE}."),
+                io.String.Input("cells", default="",
+                                tooltip="Cells to measure: '9,21' or '9,21; 3,4' (y,x latent cells, 0-based); empty: the "
+                                        "reach map's 8 strongest cells; 'all': every cell (one decode each: 1,025 for a "
+                                        "512 px SD image; the cost is shown on the node before it starts, and Cancel "
+                                        "stops it)."),
                 io.Combo.Input("mode", options=list(reach.MODES), default="median", tooltip=MODE_TIP),
                 io.Float.Input("factor", default=2.0, min=-100.0, max=100.0, step=0.1, tooltip=FACTOR_TIP),
                 io.Int.Input("window", default=3, min=0, max=64, tooltip=WINDOW_TIP),

@@ -1,5 +1,4 @@
 """Repair Latent: neutralise anomalous latent cells before decoding, with a before/after report."""
-from __future__ import annotations
 
 from comfy_api.v0_0_2 import io, ui
 

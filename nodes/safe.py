@@ -1,17 +1,13 @@
 """Safe VAE Decode / Safe VAE Encode: core's VAE Decode and Encode, with half precision that cannot
 give black or NaN images. Whatever comes out non-finite (an fp16 overflow inside the VAE) is done
 again by a float32 copy of the VAE; the report says which dtype gave the result."""
-from __future__ import annotations
 
 from comfy_api.v0_0_2 import io
 
 from ..vae_fix.safe import first_finite
 from . import host, wire
+from .tooltips import REPORT_TIP, VAE_TIP
 
-VAE_TIP = ("Any VAE ComfyUI loads (SD, SDXL, SD3, Flux, video VAEs...), in any dtype. It is not changed: the "
-           "float32 redo runs on a copy, freed afterwards.")
-REPORT_TIP = ("JSON: the dtype that gave the result, whether it was redone in float32, and per attempt how many "
-              "values were non-finite and how long it took.")
 
 
 class SafeVAEDecode(io.ComfyNode):

@@ -1,6 +1,5 @@
 """Latent Statistics: per-channel numbers of a LATENT (image or video), the scale/shift they imply
 next to the known families' values, and a histogram picture per channel."""
-from __future__ import annotations
 
 from comfy_api.v0_0_2 import io, ui
 

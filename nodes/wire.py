@@ -4,7 +4,6 @@ IMAGE (ComfyUI): `[B, H, W, C]` float 0..1. Engine images: `[B, 3, H, W]` float 
 LATENT (ComfyUI): a dict whose `samples` is `[B, C, h, w]` (video: `[B, C, T, h, w]`) in raw VAE space; other keys
 (`noise_mask`, `batch_index`, `type`, ...) must survive every edit.
 """
-from __future__ import annotations
 
 import torch
 
