@@ -116,14 +116,28 @@ def finetune_vae(model: AutoencoderKL, images: list[torch.Tensor], names: list[s
     trained = [*student.encoder.parameters(), *([] if student.quant_conv is None else student.quant_conv.parameters())]
     for p in trained:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(trained, lr=s.lr, weight_decay=0.0)
-    gen, history, steps = torch.Generator().manual_seed(s.seed), [], Steps(progress, s.steps)
     say(f"fine-tuning the encoder ({sum(p.numel() for p in trained) / 1e6:.2f} M parameters) for {s.steps} steps; "
         f"log-variance floor {floor:.2f}; {world.size} process(es)")
-    device = next(teacher.parameters()).device
+    history = train_loop(trained, lambda x: _loss(teacher, student, x, floor, s.mean_weight, world), images, s,
+                         world, progress, say)
+    student.eval().requires_grad_(False)
+    worst = (before["reach_at_worst_cell"] or {}).get("cell"), before["worst_image"]
+    after = measure(student, evals, names[:len(evals)], worst)
+    return FinetuneResult(s, floor, before, after, drift(teacher, student, evals), history,
+                          before.pop("picture"), after.pop("picture"), student, time.monotonic() - started)
+
+
+def train_loop(trained: list, loss_of: Callable[[torch.Tensor], dict], images: list[torch.Tensor], s, world: World,
+               progress: Optional[ProgressFn], say: Callable[[str], None]) -> list[dict]:
+    """AdamW on `trained` for `s.steps` steps of `s.batch` seeded random crops of `s.crop` px from
+    `images` (`[3, H, W]` uint8), this rank's share of each; `loss_of(x)` gives the terms to log and
+    "backward", the loss to differentiate. The history: the terms every 10 steps and at the end."""
+    opt = torch.optim.AdamW(trained, lr=s.lr, weight_decay=0.0)
+    gen, history, steps = torch.Generator().manual_seed(s.seed), [], Steps(progress, s.steps)
+    device = trained[0].device
     for step in range(1, s.steps + 1):
         x = world.my_slice(random_crops(images, s.batch, s.crop, gen)).to(device)
-        terms = _loss(teacher, student, x, floor, s.mean_weight, world)
+        terms = loss_of(x)
         opt.zero_grad(set_to_none=True)
         terms.pop("backward").backward()
         world.average_gradients(trained)
@@ -131,13 +145,8 @@ def finetune_vae(model: AutoencoderKL, images: list[torch.Tensor], names: list[s
         steps.step()
         if step % 10 == 0 or step == s.steps:
             history.append({"step": step, **{k: round(float(v.detach()), 6) for k, v in terms.items()}})
-            say(f"step {step}/{s.steps}  loss {history[-1]['loss']:.5f}  mean drift {history[-1]['mean']:.5f}  "
-                f"kept {history[-1]['keep']:.4f}  lifted {history[-1]['lift']:.3f}")
-    student.eval().requires_grad_(False)
-    worst = (before["reach_at_worst_cell"] or {}).get("cell"), before["worst_image"]
-    after = measure(student, evals, names[:len(evals)], worst)
-    return FinetuneResult(s, floor, before, after, drift(teacher, student, evals), history,
-                          before.pop("picture"), after.pop("picture"), student, time.monotonic() - started)
+            say(f"step {step}/{s.steps}  " + "  ".join(f"{k} {v:.5g}" for k, v in history[-1].items() if k != "step"))
+    return history
 
 
 def _loss(teacher, student, x: torch.Tensor, floor: float, mean_weight: float, world: World) -> dict:

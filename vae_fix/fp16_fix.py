@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, field
+import time
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
@@ -29,6 +30,7 @@ from . import viz
 from .builders.planted import demo_image
 from .errors import InputError
 from .fp16_scales import ScalePlan, apply_scales, compvis_plan
+from .fp16_tune import TuneSettings, shrink, tune
 from .model import AutoencoderKL
 from .probes import SIZES, probe_images
 from .progress import ProgressFn, Steps
@@ -170,6 +172,7 @@ class Fp16FixResult(Result):
     limits: list = field(default_factory=list)   # layers no rescaling brings under the bound
     emulated: bool = False                       # fp16 proven by emulation (`half_copy`)
     file: Optional[object] = None                # the fixed VAEFile (`fix_file`): safe and changed, else None
+    tuned: Optional[dict] = None                 # what `--finetune` did (layers, settings, history), else None
 
     @property
     def changed(self) -> bool:
@@ -189,23 +192,28 @@ class Fp16FixResult(Result):
                 "inner_scales": [{"layer": k[1], "scale": v} for k, v in self.factors.items() if k[0] == "inner" and v != 1.0],
                 "peaks": [{"layer": n, "before": self.before[n], "after": self.after.get(n)} for n in self.before],
                 "largest_before": max(self.before.values()), "largest_after": max(self.after.values()),
-                "proof": list(self.proof), "held_out": list(self.held_out)}
+                "finetuned": self.tuned, "proof": list(self.proof), "held_out": list(self.held_out)}
 
     def summary(self) -> str:
         rows = self.proof + self.held_out
-        worst = min((r.get("fp16_psnr_db") or math.inf for r in rows), default=math.inf)
+        scores = [r["fp16_psnr_db"] for r in rows if r.get("fp16_psnr_db") is not None]
+        worst = "n/a" if not scores else "identical" if min(scores) == math.inf else f"{min(scores):.1f} dB"
+        finite = sum(r["fp16_moments_finite"] and r.get("fp16_decode_finite", True) for r in rows)
         broken = sum(not (r.get("original_fp16_decode_finite", True) and r["original_fp16_finite"]) for r in rows)
         lines = [f"{self.family}; fp16 {'emulated (fp16 weights and layer outputs, fp32 inside each layer)' if self.emulated else 'native'}",
                  f"largest activation {max(self.before.values()):.4g} before, {max(self.after.values()):.4g} after "
                  f"(bound {self.bound:g}, fp16 max {FP16_MAX:g})",
                  f"original in fp16: non-finite on {broken}/{len(rows)} images; fixed in fp16: "
-                 f"{'finite on all' if self.safe or worst < math.inf else 'NOT finite'}, worst PSNR against fp32 "
-                 f"{'identical' if worst == math.inf else f'{worst:.1f} dB'}",
+                 f"finite on {finite}/{len(rows)}, worst PSNR against fp32 {worst}",
                  f"fixed in fp32 against the original: pixels within "
                  f"{max((r.get('fp32_pixel_max_abs_diff') or 0.0) for r in rows):.2e}, means within "
                  f"{max(r['fp32_mean_max_rel_diff'] for r in rows):.2e} (relative)"]
         if not self.changed:
             lines.insert(0, "already fp16-safe: no activation over the bound, nothing to rescale")
+        if self.tuned:
+            lines.append(f"fine-tuned {len(self.tuned['layers'])} layers ({', '.join(self.tuned['layers'])}) for "
+                         f"{self.tuned['settings']['steps']} steps in {self.tuned['seconds']:.0f} s: not exact, the "
+                         f"fp32 differences above are what it changed")
         lines += [f"limit: {lim}" for lim in self.limits]
         lines.append("fp16-safe: yes" if self.safe else "fp16-safe: NO (the file is not written as a fix)")
         return "\n".join(lines)
@@ -223,32 +231,61 @@ class Fp16FixResult(Result):
 
 
 def fp16_fix(model: nn.Module, images: list[torch.Tensor], names: list[str], *, held_out=(), held_out_names=(),
-             headroom: float = DEFAULT_HEADROOM, progress: Optional[ProgressFn] = None, runner: Runner = KL) -> Fp16FixResult:
+             headroom: float = DEFAULT_HEADROOM, progress: Optional[ProgressFn] = None, runner: Runner = KL,
+             finetune: Optional[TuneSettings] = None, log: Optional[Callable[[str], None]] = None) -> Fp16FixResult:
     """Rescale a copy of `model` (fp32, CPU or device) so every activation on `images` stays under
     FP16_MAX / headroom, and prove it on `images` and `held_out` (`[1, 3, H, W]` 0..1 each).
-    `runner`: how to run it (default: this engine's KL model)."""
+    `runner`: how to run it (default: this engine's KL model). `finetune`: where layers stay over
+    the bound, fine-tune them with the outputs held to the original's (`fp16_tune`; KL only)."""
     if runner is KL and not isinstance(model, AutoencoderKL):
         raise InputError("vae", f"got {type(model).__name__}", "a KL VAE (AutoencoderKL) read by the strict loader")
     if not (isinstance(headroom, (int, float)) and headroom >= 1):
         raise InputError("headroom", f"{headroom!r}", "a number >= 1 (the bound is 65504 / headroom)")
+    if finetune is not None and runner is not KL:
+        raise InputError("finetune", f"asked for a {runner.family}", "a KL VAE (the fine-tuning knows CompVis layers)")
     model = copy.deepcopy(model).float().eval()
     bound = FP16_MAX / headroom
     steps = Steps(progress, 2 * len(images) + len(images) + len(held_out))
-    plan = runner.plan(model)
-    before = record_peaks(model, plan, runner, images, steps)
-    factors = plan_scales(model, plan, before, bound)
-    fixed = copy.deepcopy(model)
-    apply_scales(runner.plan(fixed), factors)
-    after = record_peaks(fixed, runner.plan(fixed), runner, images, steps)
-    limits = [f"{n}: largest |value| {v:.4g} stays over the bound {bound:g} (not reachable by rescaling)"
-              for n, v in after.items() if v > bound * 1.01]
+    before = record_peaks(model, runner.plan(model), runner, images, steps)
+    fixed, factors, after = _rescaled(model, runner, images, before, bound, steps)
+    tuned = None
+    if finetune is not None and any(v > bound * 1.01 for v in after.values()):
+        fixed, factors, after, tuned = _tuned(model, fixed, factors, after, images, bound, finetune, steps, log)
+    limits = [f"{n}: largest |value| {v:.4g} stays over the bound {bound:g} (not reachable by rescaling"
+              f"{' or fine-tuning' if tuned else ''})" for n, v in after.items() if v > bound * 1.01]
     proof = prove(model, fixed, runner, images, names, steps)
     held = prove(model, fixed, runner, list(held_out), list(held_out_names), steps)
-    return Fp16FixResult(fixed, runner.family, bound, factors, before, after, proof, held, limits, runner.emulate_half)
+    return Fp16FixResult(fixed, runner.family, bound, factors, before, after, proof, held, limits, runner.emulate_half,
+                         tuned=tuned)
+
+
+def _rescaled(model: nn.Module, runner: Runner, images, peaks: dict, bound: float, steps: Steps, factors=None):
+    """(a rescaled copy, the factors, its peaks): exact, every stretch and inner conv under `bound`;
+    `factors` already applied to `model` are folded into the ones returned."""
+    fixed = copy.deepcopy(model)
+    more = plan_scales(model, runner.plan(model), peaks, bound)
+    apply_scales(runner.plan(fixed), more)
+    factors = {k: v * (factors or {}).get(k, 1.0) for k, v in more.items()}
+    return fixed, factors, record_peaks(fixed, runner.plan(fixed), runner, images, steps)
+
+
+def _tuned(original, fixed, factors, after, images, bound: float, s: TuneSettings, steps: Steps, log) -> tuple:
+    """`fp16_tune` on the layers over the bound, then the exact rescale again; what was done, for the report."""
+    started, over = time.monotonic(), {n: v for n, v in after.items() if v > bound * 1.01}
+    modules = dict(fixed.named_modules())
+    layers = shrink(fixed, over, bound / 2) + [n for n in over if any(True for _ in modules[n].parameters())]
+    steps.add(s.steps + 2 * len(images))
+    history = tune(original, fixed, layers, list(over), [(x[0] * 255).round().to(torch.uint8) for x in images],
+                   s, bound, steps.sub(s.steps), log)
+    peaks = record_peaks(fixed, KL.plan(fixed), KL, images, steps)
+    fixed, factors, after = _rescaled(fixed, KL, images, peaks, bound, steps, factors)
+    return fixed, factors, after, {"layers": list(dict.fromkeys(layers)), "over_before": over, "settings": asdict(s),
+                                   "history": history, "seconds": round(time.monotonic() - started, 1)}
 
 
 def fix_file(source, probes=SIZES, checks=(512, 1024), extra=(), *, headroom: float = DEFAULT_HEADROOM,
-             padding: str = "zeros", progress: Optional[ProgressFn] = None) -> Fp16FixResult:
+             padding: str = "zeros", progress: Optional[ProgressFn] = None, finetune: Optional[TuneSettings] = None,
+             log: Optional[Callable[[str], None]] = None) -> Fp16FixResult:
     """The fp16 fix of a validated KL `VAEFile`, measured on the built-in probes at `probes` sizes plus
     `extra` (image `[1, 3, H, W]`, name) pairs, proven on demo pictures at `checks` sizes it never saw."""
     from .loader import build_model
@@ -257,7 +294,7 @@ def fix_file(source, probes=SIZES, checks=(512, 1024), extra=(), *, headroom: fl
     held = [demo_image(s, s, None) for s in checks]
     result = fp16_fix(build_model(source, padding=padding).model, images + [x for x, _ in extra],
                       names + [n for _, n in extra], held_out=held, held_out_names=[f"demo@{s}" for s in checks],
-                      headroom=headroom, progress=progress)
+                      headroom=headroom, progress=progress, finetune=finetune, log=log)
     result.file = (_fixed_file(result, source) if result.changed else source) if result.safe else None
     return result
 

@@ -236,6 +236,7 @@ class AutoencoderKL(nn.Module):
         """`[B, C, h, w]` raw latent → `[B, 3, H, W]`, nominally -1..1 (not clamped)."""
         if self.decoder is None:
             raise RuntimeError("this VAE's decoder is not a KL decoder; only its encoder was loaded")
+        z = z.contiguous()  # a channel slice of `moments` is strided; torch 2.13's CPU conv backward crashes on it
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
         return self.decoder(z)

@@ -13,3 +13,14 @@ def overflowing_vae(family: str = "sd", seed: int = 0, factor: float = 3e4) -> A
     plan = compvis_plan(model)
     apply_scales(plan, {key: factor * (1 + key[1]) for key in plan.stream_keys})
     return model
+
+
+def norm_overflow_vae(seed: int = 0, factor: float = 2e4) -> AutoencoderKL:
+    """Small SD layout whose decoder mid-block `norm1` has weight and bias times `factor`: that norm's
+    own output passes fp16's range (1e5 at 2e4), which no exact rescaling reaches (its reader is a
+    SiLU). Not the random VAE's function: a VAE for `fp16-fix --finetune`."""
+    model = random_vae(preset_config("sd", small=True), seed).eval()
+    norm = model.decoder.mid.block_1.norm1
+    norm.weight.data.mul_(factor)
+    norm.bias.data.mul_(factor)
+    return model

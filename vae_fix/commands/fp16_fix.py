@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from ..errors import InputError
 from ..fp16_fix import DEFAULT_HEADROOM, FP16_MAX, fix_file
+from ..fp16_tune import TuneSettings
 from ..images import load_image
 from ..model import PADDING_MODES
 from ..probes import SIZES, check_sizes
 from ..result import check_out_dir, write_file_atomically
-from ._common import finish, new_safetensors_file, progress
+from ._common import finish, new_safetensors_file, progress, say
 
 NAME = "fp16-fix"
 HELP = ("Rescale a KL VAE's weights (exactly: every GroupNorm ignores the scale of its input) so no activation "
@@ -33,6 +34,14 @@ def add_arguments(p) -> None:
     p.add_argument("--probe-sizes", type=int, nargs="+", default=list(SIZES), metavar="PX",
                    help=f"sizes of the built-in probes (default {' '.join(map(str, SIZES))}; on a CPU without native "
                         "fp16, smaller sizes make the fp16 proof much quicker)")
+    p.add_argument("--finetune", action="store_true",
+                   help="where a layer stays over the bound (a norm whose own output is too large: no exact rescaling "
+                        "reaches it), fine-tune that layer and the ones reading it with the outputs held to the "
+                        "original's fp32 outputs, then prove the result the same way (not exact: the report gives the "
+                        "fp32 differences)")
+    p.add_argument("--finetune-steps", type=int, default=TuneSettings.steps, metavar="N",
+                   help=f"optimiser steps of --finetune (default {TuneSettings.steps}, batches of "
+                        f"{TuneSettings.batch} crops of {TuneSettings.crop} px from the calibration images)")
     p.add_argument("--report", metavar="DIR", help="folder for fp16_fix.json, summary.txt and activations.png "
                    "(default: beside --out, named <out>_fp16_report)")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout (for scripts)")
@@ -46,8 +55,11 @@ def run(args) -> int:
     report = check_out_dir(args.report or out.with_name(out.stem + "_fp16_report"), "--report")
     probes, checks = check_sizes(args.probe_sizes, "--probe-sizes"), check_sizes(args.check_sizes, "--check-sizes")
     extra, source = _user_images(args.images), read_vae(args.vae)
+    if not 1 <= args.finetune_steps <= 100_000:
+        raise InputError("--finetune-steps", str(args.finetune_steps), "1 to 100000")
+    tune = TuneSettings(steps=args.finetune_steps) if args.finetune else None
     result = fix_file(source, probes, checks, extra, headroom=args.headroom, padding=args.padding,
-                      progress=progress(args, "fp16-fix"))
+                      progress=progress(args, "fp16-fix"), finetune=tune, log=None if args.quiet or args.json else say)
     written = result.safe and result.changed
     if written:
         write_file_atomically(out, lambda path: save_vae(result.file, path, layout=source.layout))
