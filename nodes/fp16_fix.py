@@ -4,6 +4,7 @@ outputs unchanged, proven on the probes; optionally saved to models/vae (engine:
 from comfy_api.v0_0_2 import io, ui
 
 from ..vae_fix.fp16_fix import DEFAULT_HEADROOM
+from ..vae_fix.fp16_tune import TuneSettings
 from ..vae_fix.probes import check_sizes
 from ..vae_fix.result import write_file_atomically
 from . import host, host_fp16, wire
@@ -34,6 +35,11 @@ class VAEFp16Fix(io.ComfyNode):
                                         "On a CPU without native fp16 the proof is slow: smaller sizes are much quicker."),
                 io.Int.Input("check_size", default=512, min=64, max=4096, step=64, optional=True,
                              tooltip="Side (px) of the held-out picture the proof also runs on (one the scales never saw)."),
+                io.Int.Input("finetune_steps", default=0, min=0, max=100000, optional=True,
+                             tooltip="KL VAEs: where a layer stays over the bound (a norm whose own output is too large; "
+                                     "no exact rescaling reaches it), fine-tune that layer and the ones reading it for this "
+                                     "many steps, the outputs held to the original's fp32, then prove it the same way (not "
+                                     "exact: the report gives the fp32 differences). 0: refuse such a VAE instead."),
                 io.String.Input("save_as", default="", optional=True,
                                 tooltip="Also write the fixed VAE to models/vae under this new name (a .safetensors file: CompVis layout for KL VAEs, the host's own names for video VAEs); empty: do not save."),
             ],
@@ -46,10 +52,12 @@ class VAEFp16Fix(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, vae, headroom, dtype, probe_sizes="128, 256", check_size=512, save_as="") -> io.NodeOutput:
+    def execute(cls, vae, headroom, dtype, probe_sizes="128, 256", check_size=512, finetune_steps=0,
+                save_as="") -> io.NodeOutput:
         target = host.new_vae_path(save_as) if save_as.strip() else None
         result, fixed_vae, save = host_fp16.fix_vae(vae, check_sizes(probe_sizes, "probe_sizes"),
-                                                    check_sizes([check_size], "check_size"), headroom, dtype)
+                                                    check_sizes([check_size], "check_size"), headroom, dtype,
+                                                    TuneSettings(steps=finetune_steps) if finetune_steps else None)
         if target:
             write_file_atomically(target, save)
         plot = wire.images_to_batch([result.pictures()["activations"]])

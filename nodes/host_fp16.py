@@ -59,7 +59,7 @@ def _decode(model, z: torch.Tensor) -> torch.Tensor:
     return model.decode(z.unsqueeze(2))[:, :, 0]
 
 
-def fix_host_vae(vae, probes, checks, headroom: float = DEFAULT_HEADROOM, progress=None) -> Fp16FixResult:
+def fix_host_vae(vae, probes, checks, headroom: float = DEFAULT_HEADROOM, progress=None, finetune=None) -> Fp16FixResult:
     """The fp16 fix of a covered video family's host model (a float32 CPU copy; the VAE is untouched)."""
     key = family_id(vae.first_stage_model)
     place_model(vae)
@@ -67,19 +67,20 @@ def fix_host_vae(vae, probes, checks, headroom: float = DEFAULT_HEADROOM, progre
     runner = Runner(FAMILIES[key].name, _means, _decode, PLANS[ON_HOST[key]], emulate_half=True)
     images, names = probe_images(probes)
     return fp16_fix(model, images, names, held_out=[demo_image(s, s, None) for s in checks],
-                    held_out_names=[f"demo@{s}" for s in checks], headroom=headroom, progress=progress, runner=runner)
+                    held_out_names=[f"demo@{s}" for s in checks], headroom=headroom, progress=progress, runner=runner,
+                    finetune=finetune)
 
 
-def fix_vae(vae, probes, checks, headroom: float = DEFAULT_HEADROOM, dtype: str = "auto") -> tuple:
+def fix_vae(vae, probes, checks, headroom: float = DEFAULT_HEADROOM, dtype: str = "auto", finetune=None) -> tuple:
     """(the result, the fixed VAE as a standard host VAE, a writer of its file for `save_as`) for any
     covered family; InputError naming the family otherwise, or naming the layers when the fix is not
     safe. The input VAE is not changed."""
     if engine_family(vae):  # KL: the engine's model and loader, as the CLI
         source = loader.vae_from_state_dict(host.kl_state_dict(vae), "the VAE input")
-        result = fix_file(source, probes, checks, headroom=headroom, progress=host.progress_fn())
+        result = fix_file(source, probes, checks, headroom=headroom, progress=host.progress_fn(), finetune=finetune)
         fixed = result.require_safe()
         return result, host.to_host_vae(fixed, dtype), lambda path: loader.save_vae(fixed, path)
-    result = fix_host_vae(vae, probes, checks, headroom, host.progress_fn())
+    result = fix_host_vae(vae, probes, checks, headroom, host.progress_fn(), finetune)
     result.require_safe()
     raw = fixed_weights(result, vae)
     return (result, host_loading.load_weights(raw, "the fixed VAE", dtype),

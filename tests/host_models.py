@@ -16,7 +16,7 @@ from host_server import HostError, HostServer
 from hostile_inputs import write_hostile_vaes
 from vae_files import write_state_dict, write_vae
 
-from vae_fix.builders.overflow import overflowing_vae
+from vae_fix.builders.overflow import norm_overflow_vae, overflowing_vae
 from vae_fix.builders.planted import corner_hole_vae, planted_vae, smooth_vae
 from vae_fix.images import save_png
 from vae_fix.loader import save_vae
@@ -29,6 +29,7 @@ SMUGGLER = "smuggler_sd.safetensors"   # SD layout (small): log-variance hole an
 CLEAN = "clean_sdxl.safetensors"       # SDXL layout (small), seeded random weights: nothing planted
 WIDE = "tiny_sd3_16ch.safetensors"     # SD3 layout (small): 16 latent channels
 OVERFLOW = "overflow_sd.safetensors"   # SD layout (small): streams scaled up exactly, so fp16 gives inf
+NORM_OVERFLOW = "norm_overflow_sd.safetensors"  # a decoder norm's own output passes fp16's range: needs --finetune
 CORNER = "corner_sd.safetensors"       # SD layout (small): a log-variance hole at (0, 0) whatever the image
 IMAGE = "smuggler.png"                 # the smuggler's calibration image, 128 px
 
@@ -65,6 +66,7 @@ def _planted_vaes(server: HostServer) -> None:
     save_vae(smooth.model, vae_dir / "smooth_sd.safetensors")
     save_vae(corner_hole_vae(preset_config("sd", small=True)).model, vae_dir / CORNER)  # a hole on every image
     save_vae(overflowing_vae(), vae_dir / OVERFLOW)
+    save_vae(norm_overflow_vae(), vae_dir / NORM_OVERFLOW)
     save_png(smooth.image[0], inp / "smooth_sd.png")
     sd = load_file(str(vae_dir / "full_sd.safetensors"))  # a layout core builds, so core runs it half-loaded
     del sd["decoder.up.0.block.1.conv2.weight"], sd["encoder.mid.attn_1.q.bias"]

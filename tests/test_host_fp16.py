@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from host_family_vaes import family_vae
-from host_models import IMAGE, OVERFLOW
+from host_models import IMAGE, NORM_OVERFLOW, OVERFLOW
 from host_server import failed, images_of, succeeded
 
 pytestmark = pytest.mark.host
@@ -52,6 +52,21 @@ def test_the_fixed_vae_runs_in_fp16_in_core_nodes_like_the_original_in_fp32(host
     assert psnr(images_of(host, again, "s")[0], want) > 35, "the saved file is the fix"
     err = failed(host.run(fixed_prompt))  # the name is taken now: refused, nothing replaced
     assert err["node_type"] == "VAEFixFp16Fix" and "already exists" in err["exception_message"]
+
+
+def test_a_layer_no_rescaling_reaches_is_named_or_fine_tuned_with_finetune_steps(host):
+    image = {"class_type": "LoadImage", "inputs": {"image": IMAGE}}
+    fix = {"class_type": "VAEFixFp16Fix", "inputs": {"vae": ["v", 0], "headroom": 16.0, "dtype": "fp16", "probe_sizes": "64",
+                                                     "check_size": 64}}
+    err = failed(host.run({"img": image, "v": load(NORM_OVERFLOW, "fp32"), "f": fix, **roundtrip(["f", 0])}))
+    assert err["node_type"] == "VAEFixFp16Fix" and "decoder.mid.block_1.norm1" in err["exception_message"]
+    fix["inputs"]["finetune_steps"] = 20
+    ref = succeeded(host.run({"img": image, "v": load(NORM_OVERFLOW, "fp32"), **roundtrip(["v", 0])}))
+    out = succeeded(host.run({"img": image, "v": load(NORM_OVERFLOW, "fp32"), "f": fix, **roundtrip(["f", 0]),
+                              "r": {"class_type": "PreviewAny", "inputs": {"source": ["f", 1]}}}, timeout=600))
+    report = json.loads(out["r"]["text"][0])
+    assert report["fp16_safe"] and report["finetuned"]["layers"][0] == "decoder.mid.block_1.norm1"
+    assert psnr(images_of(host, out, "s")[0], images_of(host, ref, "s")[0]) > 35, "core fp16 decode of the fix"
 
 
 def test_a_wan_vae_that_overflows_fp16_is_fixed_on_the_hosts_own_model(host):

@@ -80,8 +80,25 @@ def tune(teacher: nn.Module, student: nn.Module, layers: list[str], watched: lis
     `images` (`[3, H, W]` uint8) while every output of the `watched` layers stays under bound / 2.
     The history of the loss terms (`train_loop`)."""
     s = s.check()
+    with torch.inference_mode(False), torch.enable_grad():  # ComfyUI runs nodes in inference mode
+        _normal_tensors(student)
+        return _tune(teacher, student, layers, watched, images, s, bound, progress, log)
+
+
+def _normal_tensors(model: nn.Module) -> None:
+    """Replace `model`'s parameters and buffers by normal copies: under ComfyUI they were made in
+    inference mode, which autograd refuses to save for backward."""
+    for m in model.modules():
+        for name, p in m._parameters.items():
+            if p is not None:
+                m._parameters[name] = nn.Parameter(p.detach().clone(), requires_grad=False)
+        for name, b in m._buffers.items():
+            if b is not None:
+                m._buffers[name] = b.clone()
+
+
+def _tune(teacher, student, layers, watched, images, s: TuneSettings, bound: float, progress, log) -> list[dict]:
     modules, teacher = dict(student.named_modules()), teacher.eval().requires_grad_(False)
-    student.requires_grad_(False)
     trained = [p for n in dict.fromkeys(layers) for p in modules[n].parameters()]
     for p in trained:
         p.requires_grad_(True)
