@@ -144,7 +144,7 @@ def train_loop(trained: list, loss_of: Callable[[torch.Tensor], dict], images: l
         opt.step()
         steps.step()
         if step % 10 == 0 or step == s.steps:
-            history.append({"step": step, **{k: round(float(v.detach()), 6) for k, v in terms.items()}})
+            history.append({"step": step, **{k: float(f"{float(v.detach()):.6g}") for k, v in terms.items()}})
             say(f"step {step}/{s.steps}  " + "  ".join(f"{k} {v:.5g}" for k, v in history[-1].items() if k != "step"))
     return history
 
