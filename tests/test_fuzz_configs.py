@@ -18,10 +18,9 @@ from vae_fix.errors import VAELoadError
 from vae_fix.jsonsafe import json_safe
 from vae_fix.loader import LoadedVAE, load_vae, save_vae
 from vae_fix.model import VAEConfig, random_vae
-from fuzzing import deadline
+from fuzzing import CASE_SECONDS, deadline
 
 CASES = 1_600
-CASE_SECONDS = 10
 EXTRA = {"scaling_factor": 0.18215, "shift_factor": 0.0, "latents_mean": [0.0] * 4, "latents_std": [1.0] * 4,
          "force_upcast": True, "sample_size": 512, "_diffusers_version": "0.30.0"}
 HOSTILE = [-1, 0, 1, -2 ** 63, 2 ** 64, 10 ** 4000, -10 ** 300, 1e308, -1e308, 5e-324, 1.5, -0.0, True, False, None,
