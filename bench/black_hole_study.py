@@ -34,6 +34,7 @@ RECIPES = {
     "floor": {"logvar_floor": -20.0, "logvar_penalty": 1.0},        # penalise log-variance below -20
     "noise": {"latent_noise": 0.1},                                 # decoder sees z + N(0, 0.1²)
     "roll": {"latent_roll": True},                                  # no fixed position to smuggle through
+    "pixel-norm": {"decoder_norm": "pixel"},                        # last decoder level: no statistic over cells
 }
 COLUMNS = ("run", "step", "PSNR@128", "PSNR@256", "logvar med", "logvar min", "floor hits", "deepest drop",
            "reach worst/med", "verdict")

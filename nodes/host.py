@@ -156,6 +156,10 @@ def _check_host_support(cfg, path) -> None:
     if not cfg.double_z:
         raise VAELoadError(path, "its encoder outputs a latent without a variance (a plain autoencoder), which ComfyUI's KL model cannot hold",
                            "a KL VAE whose encoder outputs mean and log-variance")
+    if cfg.decoder_norm != "group":
+        raise VAELoadError(path, f"its decoder normalises each pixel alone in its last level ('{cfg.decoder_norm}' "
+                           "norm, a training-study variant), which ComfyUI's KL model cannot run",
+                           "a KL VAE with GroupNorm throughout (the pack's command line reads this one)")
     if not cfg.mid_attention or cfg.norm_groups != 32:
         raise VAELoadError(path, "ComfyUI's KL model always has mid-block attention and GroupNorm(32); this VAE differs",
                            "a KL-F8 style VAE (mid attention, 32 norm groups)")

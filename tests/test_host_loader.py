@@ -78,6 +78,18 @@ def test_missing_keys_refused_where_core_runs_half_loaded(host):
     server_still_serves(host)
 
 
+def test_a_pixel_norm_decoder_is_refused_where_comfyui_would_run_it_with_groupnorm(host):
+    from vae_fix.loader import save_vae
+    from vae_fix.model import AutoencoderKL, VAEConfig
+
+    save_vae(AutoencoderKL(VAEConfig(base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, decoder_norm="pixel")),
+             host.vae_dir / "pixel_norm.safetensors")
+    err = failed(host.run(encode_decode(ours("pixel_norm.safetensors"), "gradient.png")))
+    assert err["node_type"] == "VAEFixLoadVAE" and "pixel_norm.safetensors" in err["exception_message"]
+    assert "normalises each pixel alone" in err["exception_message"]
+    server_still_serves(host)
+
+
 def convert_prompt(vae_name: str, layout: str, filename: str) -> dict:
     return {"1": {"class_type": "VAEFixConvertVAE", "inputs": {"vae_name": vae_name, "layout": layout, "filename": filename}},
             "2": preview_text(["1", 0])}

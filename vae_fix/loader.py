@@ -32,10 +32,11 @@ from .containers import (
     write_safetensors,
 )
 from .errors import InputError, VAELoadError
-from .model import AutoencoderKL, VAEConfig, check_padding, infer_config, is_foreign_decoder, set_padding
+from .model import DECODER_NORMS, AutoencoderKL, VAEConfig, check_padding, infer_config, is_foreign_decoder, set_padding
 from .result import Result
 
 CONFIG_META_KEY = "vae_fix.diffusers_config"  # diffusers-only settings kept inside CompVis files
+NORM_META_KEY = "vae_fix.decoder_norm"  # "pixel": a decoder the shapes cannot tell apart from GroupNorm's
 
 
 @dataclass
@@ -174,6 +175,11 @@ def save_vae(vae, path, layout: str = "compvis", metadata: dict | None = None) -
     if layout == "diffusers":
         config_json = layouts.diffusers_config(config, extra)
         tensors = layouts.compvis_to_diffusers(tensors, config)
+    if config.decoder_norm != "group":
+        if layout == "diffusers":
+            raise InputError("layout", f"diffusers' AutoencoderKL has no {config.decoder_norm} norm in its decoder",
+                             "'compvis' for this VAE")
+        meta[NORM_META_KEY] = config.decoder_norm
     if single_file:
         if extra:
             meta[CONFIG_META_KEY] = json.dumps(extra, sort_keys=True)
@@ -203,7 +209,7 @@ def _validate(raw: RawWeights, path: str, finite: bool = True) -> VAEFile:
         sd = {k: v for k, v in sd.items() if k not in dropped}
         notes.append(f"decoder not loaded: it is a temporal video decoder (SVD's: time_stack, mix_factor, time_mix_conv), "
                      f"not a KL image decoder; its {len(dropped)} tensors were skipped, only the encoder is available")
-    config = _infer(sd, where)
+    config = _with_decoder_norm(_infer(sd, where), raw.metadata, where)
     _check_keys(sd, config, foreign, where)
     _check_values(sd, where, finite)
     extra = {}
@@ -325,6 +331,14 @@ def _non_finite(key: str, v: torch.Tensor) -> str | None:
     v = v.float()
     nan, inf = int(torch.isnan(v).sum()), int(torch.isinf(v).sum())
     return f"{key} ({nan} NaN, {inf} inf)" if nan or inf else None
+
+
+def _with_decoder_norm(config: VAEConfig, metadata: dict, where: str) -> VAEConfig:
+    """The config with the decoder's norm the file declares (same weights, other function)."""
+    value = metadata.get(NORM_META_KEY, "group")
+    if value not in DECODER_NORMS:
+        raise VAELoadError(where, f"its metadata '{NORM_META_KEY}' is {str(value)[:40]!r}", f"one of {DECODER_NORMS}")
+    return replace(config, decoder_norm=value) if value != "group" else config
 
 
 def _config_from_metadata(text: str, notes: list) -> dict:

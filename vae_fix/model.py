@@ -42,6 +42,7 @@ class VAEConfig:
     attn_levels: tuple[int, ...] = ()  # levels with attention inside the down/up blocks (rare)
     decoder_kind: str = "kl"         # "kl", or "none" when the file's decoder is of another kind
     norm_groups: int = NORM_GROUPS
+    decoder_norm: str = "group"      # "pixel": the decoder's last level and norm_out normalise each pixel alone
 
     @property
     def downscale(self) -> int:
@@ -51,12 +52,33 @@ class VAEConfig:
         return asdict(self)
 
 
-class ResnetBlock(nn.Module):
-    def __init__(self, c_in: int, c_out: int, groups: int):
+DECODER_NORMS = ("group", "pixel")
+
+
+class PixelNorm(nn.Module):
+    """Each pixel normalised over its own channels (mean and variance), with GroupNorm's parameters
+    (`weight`, `bias` [C]): no statistic is shared between cells, so one latent cell cannot steer the
+    normalisation of the whole image (the study's "decoder without GroupNorm in its last stage")."""
+
+    def __init__(self, c: int):
         super().__init__()
-        self.norm1 = nn.GroupNorm(groups, c_in, eps=NORM_EPS)
+        self.weight, self.bias = nn.Parameter(torch.ones(c)), nn.Parameter(torch.zeros(c))
+
+    def forward(self, x):  # [B, C, H, W]
+        x = (x - x.mean(1, keepdim=True)) * torch.rsqrt(x.var(1, keepdim=True, unbiased=False) + NORM_EPS)
+        return x * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+
+
+def _norm(c: int, groups: int, pixel: bool = False) -> nn.Module:
+    return PixelNorm(c) if pixel else nn.GroupNorm(groups, c, eps=NORM_EPS)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, groups: int, pixel: bool = False):
+        super().__init__()
+        self.norm1 = _norm(c_in, groups, pixel)
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.norm2 = nn.GroupNorm(groups, c_out, eps=NORM_EPS)
+        self.norm2 = _norm(c_out, groups, pixel)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
         self.nin_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else None
 
@@ -190,12 +212,13 @@ class Decoder(nn.Module):
         levels = [None] * len(mult)
         for i in reversed(range(len(mult))):  # built deepest first, stored by level index
             c_out = ch * mult[i]
-            blocks = [ResnetBlock(c if j == 0 else c_out, c_out, g) for j in range(cfg.num_res_blocks + 1)]
+            pixel = i == 0 and cfg.decoder_norm == "pixel"  # level 0 runs last, at full resolution
+            blocks = [ResnetBlock(c if j == 0 else c_out, c_out, g, pixel) for j in range(cfg.num_res_blocks + 1)]
             attns = [AttnBlock(c_out, g) for _ in blocks] if i in cfg.attn_levels else []
             levels[i] = Level(blocks, attns, "upsample" if i else None, Upsample(c_out) if i else None)
             c = c_out
         self.up = nn.ModuleList(levels)
-        self.norm_out = nn.GroupNorm(g, c, eps=NORM_EPS)
+        self.norm_out = _norm(c, g, cfg.decoder_norm == "pixel")
         self.conv_out = nn.Conv2d(c, cfg.out_channels, 3, padding=1)
 
     def forward(self, z):

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import InputError, check_rules
-from .model import AutoencoderKL, VAEConfig
+from .model import DECODER_NORMS, AutoencoderKL, VAEConfig
 from .progress import ProgressFn, Steps
 from .result import Result, write_file_atomically
 from .train_data import ImageSet, load_images, random_crops
@@ -50,6 +50,7 @@ class TrainSettings:
     logvar_penalty: float = 0.0       # weight of mean(relu(floor - logvar)^2); 0 = SD (off)
     latent_noise: float = 0.0         # std of extra Gaussian noise on z before decoding
     latent_roll: bool = False         # roll z and the target image by the same random whole cells
+    decoder_norm: str = "group"       # "pixel": the decoder's last level normalises each pixel alone
     # optimisation
     steps: int = 3000
     batch: int = 8
@@ -65,7 +66,8 @@ class TrainSettings:
     def model_config(self) -> VAEConfig:
         return VAEConfig(base_channels=self.base_channels, channel_mult=tuple(self.channel_mult),
                          num_res_blocks=self.num_res_blocks, z_channels=self.latent_channels,
-                         latent_channels=self.latent_channels, mid_attention=self.mid_attention)
+                         latent_channels=self.latent_channels, mid_attention=self.mid_attention,
+                         decoder_norm=self.decoder_norm)
 
     def lr_at(self, step: int) -> float:
         if step < self.warmup:
@@ -90,6 +92,7 @@ class TrainSettings:
                  ("base_channels", self.base_channels % 32 == 0 and self.base_channels > 0,
                   "a positive multiple of 32 (GroupNorm(32))"),
                  ("latent_noise", self.latent_noise >= 0, "0 or more"),
+                 ("decoder_norm", self.decoder_norm in DECODER_NORMS, f"one of {DECODER_NORMS}"),
                  ("eval_reach_size", self.eval_reach_size % (ds * 4) == 0 and 0 < self.eval_reach_size <= 1024,
                   f"a multiple of {ds * 4} up to 1024 (the reach map needs 4 latent cells a side or more)"),
                  ("logvar_penalty", self.logvar_penalty >= 0, "0 or more")]

@@ -1,6 +1,7 @@
 """`python -m vae_fix train`: train a small KL VAE of the SD family on real photographs, resumably."""
 from __future__ import annotations
 
+from ..model import DECODER_NORMS
 from ..result import check_out_dir, write_result
 from ._common import flag_values, pick_device, progress, say
 
@@ -39,6 +40,10 @@ def add_arguments(p) -> None:
                    help="width multipliers per level (SD: 1 2 4 4; the downscale is 2^(levels-1))")
     p.add_argument("--latent-roll", action="store_true", default=None,
                    help="roll z and the target image by the same random whole cells before decoding")
+    p.add_argument("--decoder-norm", choices=DECODER_NORMS, default=None,
+                   help="group: GroupNorm everywhere (SD); pixel: the decoder's last level and norm_out normalise each "
+                        "pixel over its channels, so no cell can steer the whole image's normalisation (the file then "
+                        "loads in this pack only, not in ComfyUI's KL model)")
     p.add_argument("--images", metavar="DIR", help="train on this folder's images instead of the built-in sources")
     p.add_argument("--held-out", nargs="*", default=None, metavar="NAME",
                    help="image names (file stems, wallpaper names) kept for evaluation (default: chelsea coffee "
@@ -55,7 +60,8 @@ def run(args) -> int:
 
     out = check_out_dir(args.out)
     given = flag_values(args, FLAGS)
-    given.update(channel_mult=tuple(args.channel_mult) if args.channel_mult else None, latent_roll=args.latent_roll)
+    given.update(channel_mult=tuple(args.channel_mult) if args.channel_mult else None, latent_roll=args.latent_roll,
+                 decoder_norm=args.decoder_norm)
     settings = settings_for(out, **given)
     held = HELD_OUT if args.held_out is None else tuple(args.held_out)
     images = load_images(folder_files(args.images) if args.images else None, held_out=held)
