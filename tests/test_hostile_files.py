@@ -48,3 +48,34 @@ def test_a_deeply_nested_config_json_is_refused(tmp_path):
     (folder / "config.json").write_text('{"a": ' + "[" * 200_000 + "]" * 200_000 + "}")
     with pytest.raises(VAEFixError, match="nested too deeply"):
         read_vae(folder)
+
+
+def _rewrite_offsets(path, move):
+    """The safetensors file at `path` with `move(name, [begin, end])` applied to every tensor's offsets."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    for name, entry in header.items():
+        if name != "__metadata__":
+            entry["data_offsets"] = move(name, entry["data_offsets"])
+    text = json.dumps(header, separators=(",", ":")).encode().ljust(n)  # same length: the data stays put
+    assert len(text) == n
+    path.write_bytes(raw[:8] + text + raw[8 + n:])
+
+
+@pytest.mark.parametrize("kind", ["overlap", "gap"])
+def test_tensors_that_overlap_or_leave_gaps_are_refused(tmp_path, kind):
+    """Two weights reading one buffer (or bytes that belong to none) is not a file safetensors writes:
+    the reader would hand out one memory as two weights."""
+    path = write_state_dict(random_compvis("sd"), tmp_path / f"{kind}.safetensors", "safetensors")
+    first = "decoder.conv_in.bias"
+
+    def move(name, offsets):
+        if name != first:
+            return offsets
+        size = offsets[1] - offsets[0]
+        return [0, size] if kind == "overlap" and offsets[0] else [offsets[0] + 1, offsets[1] + 1]
+    _rewrite_offsets(path, move)
+    with pytest.raises(VAEFixError, match="overlap or leave a gap") as e:
+        read_vae(path)
+    assert f"{kind}.safetensors" in str(e.value)
