@@ -1,13 +1,14 @@
 """Benchmark: a VAE fixed by `fp16-fix`, run in fp16, against the original in fp32 (#18).
 
     python bench/bench_fp16.py [--model trained|sd] [--sizes 512 1024] [--runs 3] [--device auto]
+                               [--cases 'original fp32' 'fixed fp16']
 
 The VAE is the SD-recipe VAE trained here (`vae_fix/models`, `--model trained`) or a random VAE
 of SD's full widths (`--model sd`), its residual streams first multiplied by exact,
 function-preserving factors until fp16 overflows (as SD's VAE does in fp16): the original in fp16
 gives inf/NaN, so the comparison users make is fixed-fp16 against original-fp32. One subprocess
 per (case, part, size): model loaded from its file, one warm-up, `--runs` timed calls under
-inference_mode (median wall time), and the peak memory of the call (CUDA: max_memory_allocated;
+inference_mode (median wall time; `--runs 0`: the warm-up call itself, for cases of many minutes), and the peak memory of the call (CUDA: max_memory_allocated;
 CPU: the rise of the process's RSS high-water mark over the model alone). CPUs without native fp16
 arithmetic run fp16 convolutions 30-100x slower than fp32: there the fp16 numbers say what the fix
 costs on such a machine, on a GPU what it saves. Not part of the test suite.
@@ -75,18 +76,19 @@ def worker(which: str, dtype: str, part: str, size: int, runs: int, device: str,
         rss0 = peak_rss_mib()
         if cuda:
             torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
         out = fn(x)  # warm-up, and the call whose memory is reported
         if cuda:
             torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else peak_rss_mib() - rss0
-        times = []
+        times = [time.perf_counter() - start]
         for _ in range(runs):
             t = time.perf_counter()
             fn(x)
             if cuda:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t)
-    return {"seconds": statistics.median(times), "peak_mib": peak, "finite": bool(torch.isfinite(out).all())}
+    return {"seconds": statistics.median(times[1:] or times), "peak_mib": peak, "finite": bool(torch.isfinite(out).all())}
 
 
 def run_case(args, which, dtype, part, size, work) -> dict:
@@ -103,7 +105,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", choices=("trained", "sd"), default="trained")
     p.add_argument("--sizes", type=int, nargs="+", default=[512, 1024])
-    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--runs", type=int, default=3, help="timed calls after the warm-up; 0: time the warm-up")
+    p.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES),
+                   help="which to run ('original fp32' is the baseline of the ratios and always runs)")
     p.add_argument("--device", default="auto")
     p.add_argument("--work", type=Path)
     p.add_argument("--worker", nargs=4, metavar=("WHICH", "DTYPE", "PART", "SIZE"))
@@ -122,7 +126,8 @@ def main(argv=None) -> int:
         print("|---|---|---|---|---|---|---|---|")
         for part in ("encode", "decode"):
             for size in a.sizes:
-                rows = {name: run_case(a, which, dtype, part, size, work) for name, (which, dtype) in CASES.items()}
+                rows = {name: run_case(a, which, dtype, part, size, work) for name, (which, dtype) in CASES.items()
+                        if name in a.cases or name == "original fp32"}
                 base = rows["original fp32"]
                 for name, r in rows.items():
                     print(f"| {part} | {size} | {name} | {r['seconds']:.3f} | {r['peak_mib']:.0f} | {r['finite']} | "
