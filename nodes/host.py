@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections import OrderedDict
 
 import torch
 
@@ -166,20 +165,18 @@ def _check_host_support(cfg, path) -> None:
                            "a KL-F8 style VAE (mid attention, 32 norm groups)")
 
 
-def to_host_vae(vae_file, dtype: str = "auto", path=None, adopt: bool = False) -> "comfy.sd.VAE":
+def to_host_vae(vae_file, dtype: str = "auto", path=None) -> "comfy.sd.VAE":
     """A validated engine `VAEFile` → a standard `comfy.sd.VAE` that every core node accepts.
 
     SD-shaped VAEs go through exactly core's own path; other widths/depths get an explicit config.
     Afterwards every weight of the host model must have come from the file (core only warns).
-    `adopt`: the file's tensors were just read and are nobody else's: the model takes them (`adoptable`).
     """
     torch_dtype = parse_dtype(dtype)
     cfg, path = vae_file.config, path or getattr(vae_file, "path", "VAE")
     _check_host_support(cfg, path)
     config, sd = (None, dict(vae_file.state_dict)) if _core_builds_it(cfg) else _host_config(cfg, vae_file.state_dict, path)
     try:
-        vae = comfy.sd.VAE(sd=adoptable(sd) if adopt else sd, config=config, dtype=torch_dtype,
-                           metadata=vae_file.metadata or None)
+        vae = comfy.sd.VAE(sd=sd, config=config, dtype=torch_dtype, metadata=vae_file.metadata or None)
     except RuntimeError as e:  # shape mismatches are raised by load_state_dict even when not strict
         raise VAELoadError(path, f"ComfyUI could not build a model from its weights ({str(e).splitlines()[0]})",
                            "weights matching the layout read from the file") from None
@@ -189,28 +186,6 @@ def to_host_vae(vae_file, dtype: str = "auto", path=None, adopt: bool = False) -
     vae.latent_channels = cfg.latent_channels  # core reads it from the decoder's z width
     vae.downscale_ratio = vae.upscale_ratio = cfg.downscale
     return vae
-
-
-def adoptable(sd: dict) -> OrderedDict:
-    """`sd` marked so that the host's own `load_state_dict` makes its tensors the model's weights
-    (torch's assign mode, which `load_state_dict` reads from a state dict's `_metadata`), where core
-    copies the file into weights it allocated: one pass over the weights and their second copy in
-    memory saved. Only for tensors nobody else holds (a file just read); a tensor that shares its
-    memory or holds more than itself is copied first."""
-    marked = OrderedDict(_owned(sd))
-    marked._metadata = {k.rpartition(".")[0]: {"assign_to_params_buffers": True} for k in marked}
-    return marked
-
-
-def _owned(sd: dict) -> dict:
-    """`sd` with a copy of every tensor that shares its memory with another or holds more than itself."""
-    seen, out = set(), {}
-    for k, v in sd.items():
-        storage = v.untyped_storage()
-        alone = v.is_contiguous() and storage.nbytes() == v.nbytes and storage.data_ptr() not in seen
-        seen.add(storage.data_ptr())
-        out[k] = v if alone else v.clone()
-    return out
 
 
 def check_keys(path, kind: str, model_keys: set, file_keys: set) -> None:

@@ -59,14 +59,13 @@ def load_strict(path: str, name: str, dtype: str = "auto", padding: str = "zeros
     try:
         vae_file = loader.validate_weights(raw, str(path), finite=False)
     except VAELoadError as not_kl:
-        vae, info = _host_family(raw, str(path), dtype, not_kl, adopt=True)
+        vae, info = _host_family(raw, str(path), dtype, not_kl)
     else:
         if vae_file.config.decoder_kind == "kl":
-            vae = _checked_while_built(lambda: host.to_host_vae(vae_file, dtype, path=name, adopt=True),
-                                       vae_file.state_dict, str(path))
+            vae = _checked_while_built(lambda: host.to_host_vae(vae_file, dtype, path=name), vae_file.state_dict, str(path))
             info = vae_file.info()
         else:  # SVD: the engine reads only its encoder; the host builds it whole
-            vae, info = _host_family(raw, str(path), dtype, None, adopt=True)
+            vae, info = _host_family(raw, str(path), dtype, None)
     key = family_id(vae.first_stage_model)
     return vae, {"name": name, **info, "family": key, "family_name": host.vae_kind(vae),
                  "padding": _pad(vae, padding), "comfyui": host.vae_summary(vae)}
@@ -103,14 +102,13 @@ def _pad(vae, padding: str) -> str:
 
 # ---------------------------------------------------------------- a family the host builds
 
-def _host_family(raw: RawWeights, path: str, dtype: str, not_kl: VAELoadError | None, adopt: bool = False) -> tuple:
-    """(the host's VAE, the node's info); `adopt`: `raw` was just read, its tensors may become the weights."""
+def _host_family(raw: RawWeights, path: str, dtype: str, not_kl: VAELoadError | None) -> tuple:
     sd = raw.tensors
     dry, wrong = _dry_run(sd, raw.metadata, path)
     if dry is not None:
         _check(dry, sd, path, not_kl, wrong)
     loader.check_finite(sd, path)
-    vae = _build(host.adoptable(sd) if adopt else dict(sd), raw.metadata, parse_dtype(dtype), path)
+    vae = _build(sd, raw.metadata, parse_dtype(dtype), path)
     notes = _check(vae, sd, path, not_kl)
     return vae, _info(raw, vae, path, notes)
 
@@ -126,7 +124,7 @@ def _dry_run(sd: dict, metadata: dict, path: str) -> tuple:
         try:
             with torch.device("meta"), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                return _construct(dict(shapes), metadata, None, path), wrong
+                return _construct(shapes, metadata, None, path), wrong
         except _Mismatch as e:
             if wrong or not all(k in shapes for k, _, _ in e.found):  # (under names the host gave them)
                 raise _shape_error(path, wrong or e.described()) from None
@@ -172,10 +170,10 @@ def _shape_error(path: str, wrong: list[str], kind: str = "model of the family i
 
 
 def _construct(sd: dict, metadata: dict, dtype, path: str) -> "comfy.sd.VAE":
-    """`comfy.sd.VAE` from `sd` (a dict of the caller's own: the host may rename keys in it); _Mismatch
-    for shapes that do not fit, VAELoadError for a key the host reads its sizes from that is missing."""
+    """`comfy.sd.VAE` (which renames keys in the dict it gets: it gets a copy); _Mismatch for shapes
+    that do not fit, VAELoadError for a key the host reads its sizes from that is missing."""
     try:
-        return comfy.sd.VAE(sd=sd, dtype=dtype, metadata=metadata or None)
+        return comfy.sd.VAE(sd=dict(sd), dtype=dtype, metadata=metadata or None)
     except KeyError as e:  # a family's sentinel was there, a key it reads its sizes from is not
         raise VAELoadError(path, f"ComfyUI chose a family by its keys, but the key {e.args[0]!r} it reads that "
                            "family's sizes from is missing", EXPECTED, keys=[e.args[0]]) from None

@@ -65,8 +65,8 @@ def _rewrite_offsets(path, move):
 
 @pytest.mark.parametrize("kind", ["overlap", "gap"])
 def test_tensors_that_overlap_or_leave_gaps_are_refused(tmp_path, kind):
-    """Two weights reading one buffer (or bytes that belong to none) is not a file safetensors writes:
-    the reader would hand out one memory as two weights."""
+    """Two weights in one stretch of bytes (or bytes that belong to none) is not a file safetensors
+    writes: refused from the header, naming the tensor, before any data is read."""
     path = write_state_dict(random_compvis("sd"), tmp_path / f"{kind}.safetensors", "safetensors")
     first = "decoder.conv_in.bias"
 

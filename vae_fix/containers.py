@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import VAELoadError
-from .layouts import VAE_ROOTS, vae_prefixes
+from .layouts import VAE_ROOTS
 
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -34,12 +34,11 @@ MAX_TENSORS = 20_000     # a full SD3 checkpoint with its text encoders holds ~3
 MAX_METADATA = 1_000     # __metadata__ entries
 MAX_CONFIG = 1_000_000   # bytes of a diffusers config.json (diffusers writes ~1 KB)
 MAX_CONFIG_DEPTH = 8     # nesting of a config.json or its metadata copy (diffusers': 2)
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                      "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-                      "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64}
-DTYPE_BYTES = {k: v.itemsize for k, v in SAFETENSORS_DTYPES.items()}
-TORCH_DTYPES = set(SAFETENSORS_DTYPES.values())  # what a torch file may hold too
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+               "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+TORCH_DTYPES = {torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
+                torch.int8, torch.uint8, torch.bool, torch.float8_e4m3fn, torch.float8_e5m2, torch.uint16,
+                torch.uint32, torch.uint64}  # DTYPE_BYTES's: what a torch file may hold too
 
 
 @dataclass
@@ -110,41 +109,15 @@ def safetensors_header(path: Path, expected: str) -> dict:
 
 
 def _read_safetensors(path: Path) -> RawWeights:
-    """Each VAE tensor read into memory of its own (a model can take it as its weight, no copy, and
-    nothing later depends on the file); in a checkpoint, only the VAE's part: the rest stays mapped
-    and is never touched."""
     expected = "a complete .safetensors file (8-byte header length, JSON header, tensor data)"
-    header = safetensors_header(path, expected)
-    entries = {k: v for k, v in header.items() if k != "__metadata__"}
-    prefixes = tuple(p for p in vae_prefixes(entries) if p)
-    start = path.stat().st_size - max((e["data_offsets"][1] for e in entries.values()), default=0)
+    safetensors_header(path, expected)
     try:
-        with open(path, "rb") as f:
-            tensors = {k: _read_tensor(f, start, e, path) for k, e in entries.items()
-                       if not prefixes or k.startswith(prefixes)}
-        if len(tensors) < len(entries):
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                tensors.update({k: f.get_tensor(k) for k in entries if k not in tensors})
-    except OSError as e:
-        raise VAELoadError(path, f"cannot read it ({e.strerror})", expected) from None
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types for every kind of damage
         raise VAELoadError(path, f"corrupt safetensors file ({type(e).__name__}: {str(e)[:200]})", expected) from None
-    return RawWeights({k: tensors[k] for k in entries}, path, "safetensors", dict(header.get("__metadata__", {})))
-
-
-def _read_tensor(f, start: int, entry: dict, path: Path) -> torch.Tensor:
-    """One tensor of a checked header, read from the open file `f` whose data begins at `start`."""
-    begin, end = entry["data_offsets"]
-    data = torch.empty(end - begin, dtype=torch.uint8)
-    f.seek(start + begin)
-    view, got = memoryview(data.numpy()), 0
-    while got < len(view):  # one read returns at most ~2 GiB
-        n = f.readinto(view[got:])
-        if not n:
-            raise VAELoadError(path, "truncated while being read (the file changed after its header was checked)",
-                               "a file that is not being written while it is loaded")
-        got += n
-    return data.view(SAFETENSORS_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+    return RawWeights(tensors, path, "safetensors", metadata)
 
 
 def _no_constant(name: str):
@@ -166,9 +139,8 @@ def _parse_header(path: Path, raw: bytes, expected: str) -> dict:
 
 def check_header(header: dict, data: int, path, expected: str) -> int:
     """Every entry well-formed (dtype, shape, offsets that fit `data` bytes and agree with the shape),
-    counts bounded, tensors packed one after another as the format requires (none overlaps another,
-    which would read as one buffer shared by several weights), before any tensor is touched. Returns
-    the end of the last tensor."""
+    counts bounded, tensors packed one after another as the format requires (none overlapping
+    another, no gaps), before any tensor is touched. Returns the end of the last tensor."""
     def bad(why: str):
         return VAELoadError(path, f"corrupt safetensors header ({why})", expected)
 
