@@ -3,8 +3,8 @@
     COMFYUI_PATH=../shared/comfyui $COMFYUI_PYTHON bench/bench_host.py [--runs 5] [--sizes 512 1024]
 
 Runs with the host's Python (ComfyUI importable), on one full SD-layout VAE file (seeded random
-weights) and one image, pack and host interleaved (A B, B A, ...), median of >= 5 runs each, peak
-memory above the idle process beside each:
+weights) and one image, pack and host interleaved (A B, B A, ...), median of >= 5 timed runs each
+(no memory sampling while timed), and the peak memory above the idle process of one more run each:
 - Load VAE (strict) against core *Load VAE* on the same file (target <= 1.1x);
 - raw moments plus the anomaly verdict (what Inspect VAE computes before drawing) against core
   *VAE Encode* on the same image, at each size (target <= 1.05x: the encoder computes the variance
@@ -94,29 +94,37 @@ class PeakMemory:
             self.thread.join()
 
 
-def measure(fn, device) -> tuple[float, int]:
+def timed(fn, device) -> float:
+    """Seconds for one call, nothing else running in the process (the memory sampler's thread would
+    compete with the call for the GIL and a core)."""
+    _return_free_memory()  # each call starts from the same allocator state, as a fresh load would
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def peak_of(fn, device) -> int:
     with PeakMemory(device) as mem:
-        start = time.perf_counter()
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        elapsed = time.perf_counter() - start
-    return elapsed, mem.peak
+    return mem.peak
 
 
 def interleaved(pack_fn, host_fn, runs: int, device) -> dict:
+    """{name: ([seconds of each timed run], peak bytes of one more, sampled, run)}."""
     pack_fn(), host_fn()  # warm-up: file cache, allocator, kernels
-    out = {"pack": [], "host": []}
+    times = {"pack": [], "host": []}
     for i in range(runs):
         pair = [("pack", pack_fn), ("host", host_fn)]
         for name, fn in pair if i % 2 == 0 else reversed(pair):
-            out[name].append(measure(fn, device))
-    return out
+            times[name].append(timed(fn, device))
+    return {"pack": (times["pack"], peak_of(pack_fn, device)), "host": (times["host"], peak_of(host_fn, device))}
 
 
 def row(label: str, results: dict, target: float) -> tuple[str, float]:
-    t = {k: statistics.median(s for s, _ in v) for k, v in results.items()}
-    m = {k: max(b for _, b in v) for k, v in results.items()}
+    t = {k: statistics.median(seconds) for k, (seconds, _) in results.items()}
+    m = {k: peak for k, (_, peak) in results.items()}
     ratio = t["pack"] / t["host"]
     verdict = "OK" if ratio <= target else "OVER"
     return (f"| {label} | {t['pack']:.3f} s | {t['host']:.3f} s | {ratio:.2f}x (<= {target}) {verdict} | "
