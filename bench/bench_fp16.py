@@ -8,8 +8,8 @@ of SD's full widths (`--model sd`), its residual streams first multiplied by exa
 function-preserving factors until fp16 overflows (as SD's VAE does in fp16): the original in fp16
 gives inf/NaN, so the comparison users make is fixed-fp16 against original-fp32. One subprocess
 per (case, part, size): model loaded from its file, one warm-up, `--runs` timed calls under
-inference_mode (median wall time; `--runs 0`: the warm-up call itself, for cases of many minutes), and the peak memory of the call (CUDA: max_memory_allocated;
-CPU: the rise of the process's RSS high-water mark over the model alone). CPUs without native fp16
+inference_mode (median wall time; `--runs 0`: the warm-up call itself, for cases of many
+minutes), and the peak memory of the call (CUDA: max_memory_allocated; CPU: the rise of the process's RSS high-water mark over the model alone). CPUs without native fp16
 arithmetic run fp16 convolutions 30-100x slower than fp32: there the fp16 numbers say what the fix
 costs on such a machine, on a GPU what it saves. Not part of the test suite.
 """
