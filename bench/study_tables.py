@@ -1,0 +1,121 @@
+"""The black-hole study's tables, from the training records kept in docs/study (`NAME.train.json`,
+copied from each run's folder), so that every number in docs/black-hole-study.md can be regenerated.
+
+    python bench/study_tables.py                     # every run at its last step, then each recipe over its seeds
+    python bench/study_tables.py --steps roll-s0     # one run's evaluations, step by step
+
+A run's name is RECIPE-sSEED (sd-s0, floor-s1, ...). "Lowest" and "peak" are over all of a run's
+evaluations, not only the last: deep cells in this study came and went during training.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+RECORDS = Path(__file__).resolve().parents[1] / "docs" / "study"
+RECIPE_ORDER = ("sd", "floor", "kl", "noise", "pixnorm", "roll")
+
+
+def load(folder: Path) -> dict[str, dict]:
+    runs = {p.name.removesuffix(".train.json"): json.loads(p.read_text()) for p in folder.glob("*.train.json")}
+    order = lambda name: (RECIPE_ORDER.index(recipe(name)) if recipe(name) in RECIPE_ORDER else 99, name)  # noqa: E731
+    return {name: runs[name] for name in sorted(runs, key=order) if runs[name].get("evals")}
+
+
+def recipe(name: str) -> str:
+    return name.rsplit("-s", 1)[0]
+
+
+def verdict(e: dict) -> str:
+    v = e["verdict"]
+    if v.get("black_hole"):
+        return f"**black hole in {v['images_with_collapse']}/{v['images']} probes**"
+    if v.get("images_with_collapse"):
+        return f"collapse in {v['images_with_collapse']}/{v['images']} probes only: content-triggered"
+    return "no black hole found"
+
+
+def lowest(evals: list[dict]) -> dict:
+    return min(evals, key=lambda e: e["logvar_min"])
+
+
+def peak(evals: list[dict]) -> float:
+    return max(e["reach"]["worst_over_median"] for e in evals)
+
+
+def markdown(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
+
+
+def runs_table(runs: dict[str, dict]) -> str:
+    rows = []
+    for name, run in runs.items():
+        evals, last = run["evals"], run["evals"][-1]
+        low = lowest(evals)
+        rows.append([name, last["step"], f"{last['psnr']['128']['mean']:.2f}", f"{last['psnr']['256']['mean']:.2f}",
+                     f"{last['logvar_median']:.2f}", f"{last['logvar_min']:.2f}",
+                     f"{low['logvar_min']:.2f} ({low['step']})", sum(e["clamp_floor_hits"] for e in evals),
+                     f"{last['reach']['worst_over_median']:.0f} ({peak(evals):.0f})",
+                     sum(bool(e["verdict"].get("black_hole")) for e in evals), verdict(last)])
+    return markdown(["run", "step", "PSNR @128", "PSNR @256", "logvar median", "logvar min", "lowest (at step)",
+                     "floor hits, all evals", "worst reach / median: last (peak)", "evals with a black hole",
+                     "verdict at the last step"], rows)
+
+
+def recipes_table(runs: dict[str, dict]) -> str:
+    by_recipe: dict[str, list[dict]] = {}
+    for name, run in runs.items():
+        by_recipe.setdefault(recipe(name), []).append(run)
+    spread = lambda xs, f: f"{statistics.mean(xs):{f}} ({min(xs):{f}} to {max(xs):{f}})" if len(xs) > 1 else f"{xs[0]:{f}}"  # noqa: E731
+    rows = []
+    for name, group in by_recipe.items():
+        lasts = [r["evals"][-1] for r in group]
+        rows.append([name, len(group), spread([e["psnr"]["256"]["mean"] for e in lasts], ".2f"),
+                     spread([e["logvar_median"] for e in lasts], ".2f"),
+                     spread([lowest(r["evals"])["logvar_min"] for r in group], ".1f"),
+                     spread([peak(r["evals"]) for r in group], ".0f"),
+                     sum(any(e["verdict"].get("black_hole") for e in r["evals"]) for r in group),
+                     sum(bool(e["verdict"].get("black_hole")) for e in lasts)])
+    return markdown(["recipe", "seeds", "PSNR @256 at the end: mean (range)", "logvar median at the end",
+                     "lowest logvar over training", "peak worst reach / median", "runs with a black hole at any eval",
+                     "runs with one at the end"], rows)
+
+
+def steps_table(run: dict) -> str:
+    rows = [[e["step"], f"{e['psnr']['128']['mean']:.2f}", f"{e['psnr']['256']['mean']:.2f}", f"{e['logvar_median']:.2f}",
+             f"{e['logvar_min']:.2f}", e["clamp_floor_hits"], f"{e['kl_per_element']:.2f}",
+             f"{e['implied_scale_factor']:.3f}",
+             f"{e['reach']['worst_over_median']:.0f} ({e['reach']['worst_cell']['y']}, {e['reach']['worst_cell']['x']})",
+             verdict(e)] for e in run["evals"]]
+    photos = run["evals"][-1]["psnr"]["256"]["per_image"]
+    return (markdown(["step", "PSNR @128", "PSNR @256", "logvar median", "logvar min", "clamp-floor hits", "KL / element",
+                      "scale factor", "worst reach / median (cell)", "verdict"], rows)
+            + f"\n\nPer held-out photo at 256 px, step {run['evals'][-1]['step']}: "
+            + ", ".join(f"{k} {v:.2f}" for k, v in photos.items()) + " dB.")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--records", type=Path, default=RECORDS, help="folder of NAME.train.json files")
+    p.add_argument("--steps", metavar="RUN", help="print this run's evaluations step by step")
+    a = p.parse_args(argv)
+    runs = load(a.records)
+    if not runs:
+        print(f"no training records (*.train.json) in {a.records}", file=sys.stderr)
+        return 2
+    if a.steps:
+        if a.steps not in runs:
+            print(f"--steps {a.steps}: no such run in {a.records} (there: {', '.join(runs)})", file=sys.stderr)
+            return 2
+        print(steps_table(runs[a.steps]))
+        return 0
+    print(runs_table(runs) + "\n\n" + recipes_table(runs))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

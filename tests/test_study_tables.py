@@ -1,0 +1,44 @@
+"""The black-hole study's tables are regenerated from the training records kept in docs/study
+(bench/study_tables.py): the numbers the study page shows are the records' numbers."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "bench" / "study_tables.py"
+
+
+def tables(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, cwd=ROOT)
+
+
+def test_the_study_page_shows_exactly_the_tables_its_records_give():
+    out = tables()
+    assert out.returncode == 0, out.stderr
+    page = (ROOT / "docs" / "black-hole-study.md").read_text()
+    assert out.stdout.strip() in page, "docs/black-hole-study.md: rerun bench/study_tables.py and paste its tables"
+    runs = sorted(p.name.removesuffix(".train.json") for p in (ROOT / "docs" / "study").glob("*.train.json"))
+    assert all(f"| {name} |" in out.stdout for name in runs)  # every kept record has its row
+
+
+def test_a_run_step_by_step_and_clear_refusals(tmp_path):
+    record = {"evals": [{"step": s, "psnr": {"128": {"mean": 15.0 + s / 400}, "256": {"mean": 16.0 + s / 400,
+                                                "per_image": {"chelsea": 17.0}}},
+                         "logvar_median": -2.0, "logvar_min": -31.0 + s / 100, "clamp_floor_hits": int(s == 400),
+                         "kl_per_element": 4.0, "implied_scale_factor": 0.4,
+                         "reach": {"worst_over_median": 10.0 * s / 400, "worst_cell": {"y": 1, "x": 2}},
+                         "verdict": {"black_hole": s == 400, "images_with_collapse": 6 if s == 400 else 0, "images": 10}}
+                        for s in (400, 800)], "seconds": 60}
+    (tmp_path / "kl-s3.train.json").write_text(json.dumps(record))
+    steps = tables("--records", str(tmp_path), "--steps", "kl-s3")
+    assert steps.returncode == 0, steps.stderr
+    assert "| 400 | 16.00 | 17.00 | -2.00 | -27.00 | 1 | 4.00 | 0.400 | 10 (1, 2) | **black hole in 6/10 probes** |" in steps.stdout
+    summary = tables("--records", str(tmp_path)).stdout
+    assert "| kl-s3 | 800 | 17.00 | 18.00 | -2.00 | -23.00 | -27.00 (400) | 1 | 20 (20) | 1 | no black hole found |" in summary
+    missing = tables("--records", str(tmp_path), "--steps", "sd-s9")
+    assert missing.returncode == 2 and "sd-s9" in missing.stderr and "kl-s3" in missing.stderr
+    empty = tables("--records", str(tmp_path / "none"))
+    assert empty.returncode == 2 and "no training records" in empty.stderr
