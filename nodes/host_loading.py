@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import re
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -31,6 +30,7 @@ from ..vae_fix import loader
 from ..vae_fix.codec import parse_dtype
 from ..vae_fix.containers import RawWeights, read_container
 from ..vae_fix.errors import InputError, VAELoadError
+from ..vae_fix.finite import check_built, check_finite
 from ..vae_fix.memory import is_out_of_memory
 from ..vae_fix.model import check_padding, set_padding
 from . import host
@@ -57,12 +57,14 @@ def load_strict(path: str, name: str, dtype: str = "auto", padding: str = "zeros
     check_padding(padding)
     raw = read_container(Path(path))
     try:
-        vae_file = loader.validate_weights(raw, str(path), finite=False)
+        vae_file = loader.validate_weights(raw, str(path), finite=False)  # checked below, once
     except VAELoadError as not_kl:
         vae, info = _host_family(raw, str(path), dtype, not_kl)
     else:
         if vae_file.config.decoder_kind == "kl":
-            vae = _checked_while_built(lambda: host.to_host_vae(vae_file, dtype, path=name), vae_file.state_dict, str(path))
+            check_finite(vae_file.state_dict, str(path))
+            vae = host.to_host_vae(vae_file, dtype, path=name)
+            _check_float16_range(vae, vae_file.state_dict, str(path))
             info = vae_file.info()
         else:  # SVD: the engine reads only its encoder; the host builds it whole
             vae, info = _host_family(raw, str(path), dtype, None)
@@ -76,17 +78,11 @@ def load_weights(raw: RawWeights, name: str, dtype: str = "auto") -> "comfy.sd.V
     return _host_family(raw, name, dtype, None)[0]
 
 
-def _checked_while_built(build, sd: dict, path: str) -> "comfy.sd.VAE":
-    """`build()`, while a second thread checks that every weight is finite: the check reads the whole
-    file once, the host's constructor spends much of that time in Python. A non-finite file is then
-    refused (VAELoadError naming the tensors) and the model built from it dropped."""
-    with ThreadPoolExecutor(1) as pool:
-        checked = pool.submit(loader.check_finite, sd, path)
-        try:
-            vae = build()
-        finally:
-            checked.result()
-    return vae
+def _check_float16_range(vae, sd: dict, path: str) -> None:
+    """A model built in float16 from weights that all came from the file: finite weights beyond
+    float16's range became inf there (VAELoadError naming them)."""
+    if getattr(vae, "vae_dtype", None) == torch.float16:
+        check_built(vae.first_stage_model, sd, path)
 
 
 def _pad(vae, padding: str) -> str:
@@ -107,9 +103,10 @@ def _host_family(raw: RawWeights, path: str, dtype: str, not_kl: VAELoadError | 
     dry, wrong = _dry_run(sd, raw.metadata, path)
     if dry is not None:
         _check(dry, sd, path, not_kl, wrong)
-    loader.check_finite(sd, path)
+    check_finite(sd, path)
     vae = _build(sd, raw.metadata, parse_dtype(dtype), path)
     notes = _check(vae, sd, path, not_kl)
+    _check_float16_range(vae, sd, path)
     return vae, _info(raw, vae, path, notes)
 
 

@@ -75,8 +75,8 @@ def damaged_copy(host, name: str, family: str) -> tuple[str, str]:
     return f"damaged_{name}", removed
 
 
-def refusal(host, name: str) -> str:
-    err = failed(host.run(roundtrip(ours(name), "refused", decode=False)))
+def refusal(host, name: str, dtype: str = "auto") -> str:
+    err = failed(host.run(roundtrip(ours(name, dtype), "refused", decode=False)))
     assert err["node_type"] == "VAEFixLoadVAE" and err["exception_type"].endswith("VAELoadError"), err
     assert name in err["exception_message"], err["exception_message"]  # the file is named
     return err["exception_message"]
@@ -123,14 +123,26 @@ def test_a_weight_holding_nan_is_refused_naming_it(host, family_file):
     assert "decoder.head.2.weight (1 NaN, 0 inf)" in message
 
 
-def test_a_kl_weight_holding_inf_is_refused_though_the_check_runs_beside_the_build(host):
-    # a KL file's finite check runs in a second thread while the host builds the model: the refusal stands
+def test_a_kl_weight_holding_inf_is_refused_though_only_the_built_model_is_summed(host):
+    # the built model is checked (a sum per weight); the file is read only to name what is not finite
     def poison(tensors):
         tensors["encoder.conv_in.weight"] = tensors["encoder.conv_in.weight"].clone()
         tensors["encoder.conv_in.weight"].view(-1)[3] = float("inf")
         return tensors
     message = refusal(host, copy_of(host, CLEAN, "inf_sdxl.safetensors", poison))
     assert "encoder.conv_in.weight (0 NaN, 1 inf)" in message and "inf_sdxl.safetensors" in message
+
+
+def test_finite_weights_that_overflow_float16_are_refused_in_float16_and_load_in_float32(host):
+    def huge(tensors):
+        tensors["decoder.conv_out.bias"] = tensors["decoder.conv_out.bias"].clone()
+        tensors["decoder.conv_out.bias"][1] = 1e6  # finite, beyond float16's 65504
+        return tensors
+    name = copy_of(host, CLEAN, "huge_sdxl.safetensors", huge)
+    message = refusal(host, name, "fp16")
+    assert "decoder.conv_out.bias (torch.float16)" in message and "overflow" in message, message
+    assert "NaN" not in message.split("expected")[0]  # the file itself is finite: not called damaged
+    succeeded(host.run(roundtrip(ours(name, "fp32"), "huge_fp32", decode=False)))
 
 
 def test_a_weight_of_the_wrong_shape_is_refused_naming_it_and_the_family(host, family_file):

@@ -32,6 +32,7 @@ from .containers import (
     write_safetensors,
 )
 from .errors import InputError, VAELoadError
+from .finite import check_finite
 from .model import DECODER_NORMS, AutoencoderKL, VAEConfig, check_padding, infer_config, is_foreign_decoder, set_padding
 from .result import Result
 
@@ -290,47 +291,6 @@ def _check_values(sd: dict, where: str, finite: bool = True) -> None:
         raise VAELoadError(where, "some weights are not floating point", "float32, float16 or bfloat16 weights", not_float)
     if finite:
         check_finite(sd, where)
-
-
-def check_finite(sd: dict, where: str) -> None:
-    """VAELoadError naming every floating-point tensor that holds NaN or inf (integer tensors, such
-    as a batch-norm's counter, are left alone)."""
-    sd = {k: v for k, v in sd.items() if v.is_floating_point()}
-    bad = [_non_finite(k, v) for group in _groups(sd) if not _all_finite(group.values()) for k, v in group.items()]
-    bad = [b for b in bad if b]
-    if bad:
-        raise VAELoadError(where, f"{len(bad)} tensors contain NaN or infinite values",
-                           "finite weights (the file is damaged or came from a diverged training run)", bad)
-
-
-def _groups(sd: dict, elements: int = 1 << 24):
-    """Tensors in groups of about `elements` values: one finiteness check per group, not per tensor."""
-    group, size = {}, 0
-    for k, v in sd.items():
-        group[k], size = v, size + v.numel()
-        if size >= elements:
-            yield group
-            group, size = {}, 0
-    if group:
-        yield group
-
-
-_NATIVE_EXTREMES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)  # aminmax reads these as stored
-
-
-def _all_finite(tensors) -> bool:
-    # The smallest and the largest value are NaN or infinite when any value is (NaN propagates): one
-    # read of the weights, no copies, exact (a sum may overflow), and in the stored precision (a
-    # float32 sum of half-precision weights converts every value: 4-6x slower).
-    ends = [torch.stack(torch.aminmax(t if t.dtype in _NATIVE_EXTREMES else t.float())).float()
-            for t in tensors if t.numel()]
-    return not ends or bool(torch.isfinite(torch.stack(ends)).all())
-
-
-def _non_finite(key: str, v: torch.Tensor) -> str | None:
-    v = v.float()
-    nan, inf = int(torch.isnan(v).sum()), int(torch.isinf(v).sum())
-    return f"{key} ({nan} NaN, {inf} inf)" if nan or inf else None
 
 
 def _with_decoder_norm(config: VAEConfig, metadata: dict, where: str) -> VAEConfig:
