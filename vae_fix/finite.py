@@ -13,7 +13,6 @@ import ctypes
 from itertools import chain
 
 import numpy as np
-
 import torch
 
 from .errors import VAELoadError
@@ -40,7 +39,7 @@ def check_finite(sd: dict, where: str) -> None:
 def _back_to_back(tensors) -> list[torch.Tensor]:
     """The tensors as few flat tensors as possible: CPU tensors of one dtype that follow each other
     in memory without a gap are read as one (the memory is theirs: we hold them while it is read)."""
-    runs, merged = [], []  # merged: [start address, end address, dtype, the tensors]
+    runs, merged = [], []  # merged: [start address, end address, dtype]
     for t in sorted((t for t in tensors if t.numel()), key=lambda t: (t.device.type != "cpu", t.data_ptr())):
         ptr, size = t.data_ptr(), t.numel() * t.element_size()
         if t.device.type != "cpu" or not t.is_contiguous():
@@ -57,7 +56,7 @@ def check_built(model: torch.nn.Module, sd: dict, where: str) -> None:
     """VAELoadError unless every weight of `model`, just built from the file's tensors `sd`, is finite.
 
     One pass over the built model, a float32 sum per tensor: NaN or infinite whenever any value is,
-    and twice as fast as min and max. Only when a sum is not finite is the file itself read, to name
+    and faster than min and max. Only when a sum is not finite is the file itself read, to name
     its non-finite tensors, or to say that finite weights overflowed the model's dtype (a sum that
     merely overflowed names nothing and passes)."""
     weights = [(n, w) for n, w in chain(model.named_parameters(), model.named_buffers())
