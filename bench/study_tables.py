@@ -20,9 +20,13 @@ RECIPE_ORDER = ("sd", "floor", "kl", "noise", "pixnorm", "roll")
 
 
 def load(folder: Path) -> dict[str, dict]:
+    """NAME -> record, for every record with evaluations, the recipes in the study's order."""
     runs = {p.name.removesuffix(".train.json"): json.loads(p.read_text()) for p in folder.glob("*.train.json")}
-    order = lambda name: (RECIPE_ORDER.index(recipe(name)) if recipe(name) in RECIPE_ORDER else 99, name)  # noqa: E731
-    return {name: runs[name] for name in sorted(runs, key=order) if runs[name].get("evals")}
+    return {name: runs[name] for name in sorted(runs, key=_order) if runs[name].get("evals")}
+
+
+def _order(name: str) -> tuple:
+    return (RECIPE_ORDER.index(recipe(name)) if recipe(name) in RECIPE_ORDER else len(RECIPE_ORDER), name)
 
 
 def recipe(name: str) -> str:
@@ -70,7 +74,6 @@ def recipes_table(runs: dict[str, dict]) -> str:
     by_recipe: dict[str, list[dict]] = {}
     for name, run in runs.items():
         by_recipe.setdefault(recipe(name), []).append(run)
-    spread = lambda xs, f: f"{statistics.mean(xs):{f}} ({min(xs):{f}} to {max(xs):{f}})" if len(xs) > 1 else f"{xs[0]:{f}}"  # noqa: E731
     rows = []
     for name, group in by_recipe.items():
         lasts = [r["evals"][-1] for r in group]
@@ -83,6 +86,13 @@ def recipes_table(runs: dict[str, dict]) -> str:
     return markdown(["recipe", "seeds", "PSNR @256 at the end: mean (range)", "logvar median at the end",
                      "lowest logvar over training", "peak worst reach / median", "runs with a black hole at any eval",
                      "runs with one at the end"], rows)
+
+
+def spread(values: list[float], fmt: str) -> str:
+    """'mean (min to max)' over seeds; the value alone for one seed."""
+    if len(values) == 1:
+        return f"{values[0]:{fmt}}"
+    return f"{statistics.mean(values):{fmt}} ({min(values):{fmt}} to {max(values):{fmt}})"
 
 
 def steps_table(run: dict) -> str:
