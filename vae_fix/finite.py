@@ -17,8 +17,6 @@ import torch
 
 from .errors import VAELoadError
 
-_NATIVE_EXTREMES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)  # aminmax reads these as stored
-
 
 def check_finite(sd: dict, where: str) -> None:
     """VAELoadError naming every floating-point tensor that holds NaN or inf (integer tensors, such
@@ -32,8 +30,7 @@ def check_finite(sd: dict, where: str) -> None:
     sums = [run.sum(dtype=torch.float32) for run in _back_to_back(sd.values())]
     if not sums or bool(torch.isfinite(torch.stack(sums)).all()):
         return
-    bad = [_non_finite(k, v) for group in _groups(sd) if not all_finite(group.values()) for k, v in group.items()]
-    _refuse(where, [b for b in bad if b])
+    _refuse(where, [b for b in (_non_finite(k, v) for k, v in sd.items()) if b])
 
 
 def _back_to_back(tensors) -> list[torch.Tensor]:
@@ -69,30 +66,6 @@ def check_built(model: torch.nn.Module, sd: dict, where: str) -> None:
     if overflowed:
         raise VAELoadError(where, f"{len(overflowed)} of its weights are finite in the file but overflow the "
                            "dtype the model was built in", "dtype float32 or bfloat16 for this VAE", overflowed)
-
-
-def all_finite(tensors) -> bool:
-    ends = [_extremes(t) for t in tensors if t.numel() and t.is_floating_point()]
-    return not ends or bool(torch.isfinite(torch.stack(ends)).all())
-
-
-def _extremes(t: torch.Tensor) -> torch.Tensor:
-    """[2]: the smallest and the largest value, NaN or infinite when any value is (NaN propagates):
-    one read, no copies, exact (a sum may overflow), and in the stored precision (a float32 sum of
-    half-precision weights converts every value: 4-6x slower)."""
-    return torch.stack(torch.aminmax(t.detach() if t.dtype in _NATIVE_EXTREMES else t.detach().float())).float()
-
-
-def _groups(sd: dict, elements: int = 1 << 24):
-    """Tensors in groups of about `elements` values: one finiteness check per group, not per tensor."""
-    group, size = {}, 0
-    for k, v in sd.items():
-        group[k], size = v, size + v.numel()
-        if size >= elements:
-            yield group
-            group, size = {}, 0
-    if group:
-        yield group
 
 
 def _non_finite(key: str, v: torch.Tensor) -> str | None:
