@@ -32,6 +32,7 @@ RECIPES = {
     "sd": {},
     "kl-1e-3": {"kl_weight": 1e-3},                                 # KL 1000x stronger: holes cost more
     "floor": {"logvar_floor": -20.0, "logvar_penalty": 1.0},        # penalise log-variance below -20
+    "tanh": {"latent_bound": 3.0},                                  # means bounded to +-3 (TAESD's 3 tanh(x/3))
     "noise": {"latent_noise": 0.1},                                 # decoder sees z + N(0, 0.1²)
     "roll": {"latent_roll": True},                                  # no fixed position to smuggle through
     "pixel-norm": {"decoder_norm": "pixel"},                        # last decoder level: no statistic over cells

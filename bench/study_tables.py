@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 RECORDS = Path(__file__).resolve().parents[1] / "docs" / "study"
-RECIPE_ORDER = ("sd", "floor", "kl", "noise", "pixnorm", "roll")
+RECIPE_ORDER = ("sd", "floor", "kl", "tanh", "noise", "pixnorm", "roll")
 
 
 def load(folder: Path) -> dict[str, dict]:

@@ -160,6 +160,10 @@ def _check_host_support(cfg, path) -> None:
         raise VAELoadError(path, f"its decoder normalises each pixel alone in its last level ('{cfg.decoder_norm}' "
                            "norm, a training-study variant), which ComfyUI's KL model cannot run",
                            "a KL VAE with GroupNorm throughout (the pack's command line reads this one)")
+    if cfg.latent_bound:
+        raise VAELoadError(path, f"its latent means are bounded by tanh (+-{cfg.latent_bound:g}, a training-study variant "
+                           "declared in its metadata), which ComfyUI's KL model cannot apply",
+                           "a KL VAE without a latent bound (the pack's command line reads this one)")
     if not cfg.mid_attention or cfg.norm_groups != 32:
         raise VAELoadError(path, "ComfyUI's KL model always has mid-block attention and GroupNorm(32); this VAE differs",
                            "a KL-F8 style VAE (mid attention, 32 norm groups)")

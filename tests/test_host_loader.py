@@ -78,15 +78,17 @@ def test_missing_keys_refused_where_core_runs_half_loaded(host):
     server_still_serves(host)
 
 
-def test_a_pixel_norm_decoder_is_refused_where_comfyui_would_run_it_with_groupnorm(host):
+@pytest.mark.parametrize("variant,message", [({"decoder_norm": "pixel"}, "normalises each pixel alone"),
+                                             ({"latent_bound": 3.0}, "bounded by tanh (+-3")])
+def test_a_study_variant_is_refused_where_comfyuis_kl_model_would_run_it_as_plain_kl(host, variant, message):
     from vae_fix.loader import save_vae
     from vae_fix.model import AutoencoderKL, VAEConfig
 
-    save_vae(AutoencoderKL(VAEConfig(base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, decoder_norm="pixel")),
-             host.vae_dir / "pixel_norm.safetensors")
-    err = failed(host.run(encode_decode(ours("pixel_norm.safetensors"), "gradient.png")))
-    assert err["node_type"] == "VAEFixLoadVAE" and "pixel_norm.safetensors" in err["exception_message"]
-    assert "normalises each pixel alone" in err["exception_message"]
+    name = f"variant_{next(iter(variant))}.safetensors"
+    save_vae(AutoencoderKL(VAEConfig(base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, **variant)), host.vae_dir / name)
+    err = failed(host.run(encode_decode(ours(name), "gradient.png")))
+    assert err["node_type"] == "VAEFixLoadVAE" and name in err["exception_message"]
+    assert message in err["exception_message"]
     server_still_serves(host)
 
 

@@ -38,6 +38,7 @@ from .result import Result
 
 CONFIG_META_KEY = "vae_fix.diffusers_config"  # diffusers-only settings kept inside CompVis files
 NORM_META_KEY = "vae_fix.decoder_norm"  # "pixel": a decoder the shapes cannot tell apart from GroupNorm's
+BOUND_META_KEY = "vae_fix.latent_bound"  # "3": means bounded by 3 tanh(mean / 3), which no weight expresses
 
 
 @dataclass
@@ -176,11 +177,11 @@ def save_vae(vae, path, layout: str = "compvis", metadata: dict | None = None) -
     if layout == "diffusers":
         config_json = layouts.diffusers_config(config, extra)
         tensors = layouts.compvis_to_diffusers(tensors, config)
-    if config.decoder_norm != "group":
+    if config.decoder_norm != "group" or config.latent_bound:
         if layout == "diffusers":
-            raise InputError("layout", f"diffusers' AutoencoderKL has no {config.decoder_norm} norm in its decoder",
+            raise InputError("layout", "diffusers' AutoencoderKL has neither a pixel norm in its decoder nor tanh-bounded latents",
                              "'compvis' for this VAE")
-        meta[NORM_META_KEY] = config.decoder_norm
+        meta.update(_variant_metadata(config))
     if single_file:
         if extra:
             meta[CONFIG_META_KEY] = json.dumps(extra, sort_keys=True)
@@ -210,7 +211,7 @@ def _validate(raw: RawWeights, path: str, finite: bool = True) -> VAEFile:
         sd = {k: v for k, v in sd.items() if k not in dropped}
         notes.append(f"decoder not loaded: it is a temporal video decoder (SVD's: time_stack, mix_factor, time_mix_conv), "
                      f"not a KL image decoder; its {len(dropped)} tensors were skipped, only the encoder is available")
-    config = _with_decoder_norm(_infer(sd, where), raw.metadata, where)
+    config = _with_study_variant(_infer(sd, where), raw.metadata, where)
     _check_keys(sd, config, foreign, where)
     _check_values(sd, where, finite)
     extra = {}
@@ -293,12 +294,25 @@ def _check_values(sd: dict, where: str, finite: bool = True) -> None:
         check_finite(sd, where)
 
 
-def _with_decoder_norm(config: VAEConfig, metadata: dict, where: str) -> VAEConfig:
-    """The config with the decoder's norm the file declares (same weights, other function)."""
-    value = metadata.get(NORM_META_KEY, "group")
-    if value not in DECODER_NORMS:
-        raise VAELoadError(where, f"its metadata '{NORM_META_KEY}' is {str(value)[:40]!r}", f"one of {DECODER_NORMS}")
-    return replace(config, decoder_norm=value) if value != "group" else config
+def _variant_metadata(config: VAEConfig) -> dict:
+    """What a study variant's file must declare: the same weights compute something else."""
+    meta = {NORM_META_KEY: config.decoder_norm} if config.decoder_norm != "group" else {}
+    return meta | ({BOUND_META_KEY: repr(float(config.latent_bound))} if config.latent_bound else {})
+
+
+def _with_study_variant(config: VAEConfig, metadata: dict, where: str) -> VAEConfig:
+    """The config with the decoder's norm and the latent bound the file declares (same weights, other function)."""
+    norm = metadata.get(NORM_META_KEY, "group")
+    if norm not in DECODER_NORMS:
+        raise VAELoadError(where, f"its metadata '{NORM_META_KEY}' is {str(norm)[:40]!r}", f"one of {DECODER_NORMS}")
+    text = metadata.get(BOUND_META_KEY, "0")
+    try:
+        bound = float(text)
+    except ValueError:
+        bound = float("nan")
+    if not (bound == 0 or 0.1 <= bound <= 100):
+        raise VAELoadError(where, f"its metadata '{BOUND_META_KEY}' is {str(text)[:40]!r}", "0 or a number from 0.1 to 100")
+    return replace(config, decoder_norm=norm, latent_bound=bound)
 
 
 def _config_from_metadata(text: str, notes: list) -> dict:

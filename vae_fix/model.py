@@ -43,6 +43,7 @@ class VAEConfig:
     decoder_kind: str = "kl"         # "kl", or "none" when the file's decoder is of another kind
     norm_groups: int = NORM_GROUPS
     decoder_norm: str = "group"      # "pixel": the decoder's last level and norm_out normalise each pixel alone
+    latent_bound: float = 0.0        # > 0: the mean is bound * tanh(mean / bound), as TAESD bounds its latents
 
     @property
     def downscale(self) -> int:
@@ -249,7 +250,11 @@ class AutoencoderKL(nn.Module):
     def moments(self, x: torch.Tensor) -> torch.Tensor:
         """`[B, 3, H, W]` in -1..1 → `[B, 2C, h, w]`: mean, then raw (unclamped) log-variance."""
         h = self.encoder(x)
-        return self.quant_conv(h) if self.quant_conv is not None else h
+        m = self.quant_conv(h) if self.quant_conv is not None else h
+        bound, c = self.config.latent_bound, self.config.latent_channels
+        if bound > 0:  # a study variant: no weight can express the tanh, the file's metadata declares it
+            m = torch.cat([bound * torch.tanh(m[:, :c] / bound), m[:, c:]], 1)
+        return m
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """The posterior mean `[B, C, h, w]` (what ComfyUI's VAE Encode returns)."""

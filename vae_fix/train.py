@@ -51,6 +51,7 @@ class TrainSettings:
     latent_noise: float = 0.0         # std of extra Gaussian noise on z before decoding
     latent_roll: bool = False         # roll z and the target image by the same random whole cells
     decoder_norm: str = "group"       # "pixel": the decoder's last level normalises each pixel alone
+    latent_bound: float = 0.0         # > 0: tanh-bounded latent means, bound * tanh(mean / bound)
     # optimisation
     steps: int = 3000
     batch: int = 8
@@ -67,7 +68,7 @@ class TrainSettings:
         return VAEConfig(base_channels=self.base_channels, channel_mult=tuple(self.channel_mult),
                          num_res_blocks=self.num_res_blocks, z_channels=self.latent_channels,
                          latent_channels=self.latent_channels, mid_attention=self.mid_attention,
-                         decoder_norm=self.decoder_norm)
+                         decoder_norm=self.decoder_norm, latent_bound=self.latent_bound)
 
     def lr_at(self, step: int) -> float:
         if step < self.warmup:
@@ -92,6 +93,7 @@ class TrainSettings:
                  ("base_channels", self.base_channels % 32 == 0 and self.base_channels > 0,
                   "a positive multiple of 32 (GroupNorm(32))"),
                  ("latent_noise", self.latent_noise >= 0, "0 or more"),
+                 ("latent_bound", self.latent_bound == 0 or 0.1 <= self.latent_bound <= 100, "0 (off) or 0.1 to 100"),
                  ("decoder_norm", self.decoder_norm in DECODER_NORMS, f"one of {DECODER_NORMS}"),
                  ("eval_reach_size", self.eval_reach_size % (ds * 4) == 0 and 0 < self.eval_reach_size <= 1024,
                   f"a multiple of {ds * 4} up to 1024 (the reach map needs 4 latent cells a side or more)"),

@@ -17,6 +17,8 @@ FLAGS = {
     "--logvar-floor": ("logvar_floor", float, "log-variance the floor penalty keeps the posterior above"),
     "--logvar-penalty": ("logvar_penalty", float, "weight of the floor penalty mean(relu(floor - logvar)^2) (0: off)"),
     "--latent-noise": ("latent_noise", float, "std of extra noise added to z before decoding (0: off)"),
+    "--latent-tanh": ("latent_bound", float, "bound the latent means to +-B as B*tanh(mean/B) (TAESD: 3; 0: off; the "
+                                             "file then loads in this pack only, not in ComfyUI's KL model)"),
     "--base-channels": ("base_channels", int, "width of the first level (a multiple of 32; SD: 128)"),
     "--blocks": ("num_res_blocks", int, "res blocks per encoder level (the decoder has one more; SD: 2)"),
     "--latent-channels": ("latent_channels", int, "latent channels C (SD: 4)"),
