@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -42,3 +43,17 @@ def test_a_run_step_by_step_and_clear_refusals(tmp_path):
     assert missing.returncode == 2 and "sd-s9" in missing.stderr and "kl-s3" in missing.stderr
     empty = tables("--records", str(tmp_path / "none"))
     assert empty.returncode == 2 and "no training records" in empty.stderr
+
+
+def test_the_study_script_trains_its_recipes_in_parallel_processes_and_tables_them(tmp_path):
+    script = ROOT / "bench" / "black_hole_study.py"
+    out = subprocess.run([sys.executable, str(script), "--out", str(tmp_path), "--recipes", "sd", "tanh", "--seeds", "3",
+                          "--steps", "2", "--eval-every", "1000", "--jobs", "2", "--device", "cpu"],
+                         capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr
+    assert "== sd-s3: done" in out.stderr and "== tanh-s3: done" in out.stderr
+    assert "| sd-s3 | 2 |" in out.stdout and "| tanh-s3 | 2 |" in out.stdout
+    records = json.loads((tmp_path / "study.json").read_text())
+    assert records["tanh-s3"]["settings"]["latent_bound"] == 3.0 and records["sd-s3"]["settings"]["latent_bound"] == 0
+    assert all(r["settings"]["seed"] == 3 and r["step"] == 2 for r in records.values())
+    assert "training" in (tmp_path / "tanh-s3.log").read_text()  # each process's own progress
