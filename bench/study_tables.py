@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -88,6 +89,53 @@ def recipes_table(runs: dict[str, dict]) -> str:
                      "runs with one at the end"], rows)
 
 
+SD_UPPER = -17.0  # the SD VAE's log-variance lies at -17 to -23 nats, its hole at the -30 floor
+
+
+def median_trend(run: dict) -> tuple[float, float]:
+    """(nats per doubling of steps over all evaluations, nats per 1000 steps over the last three) of the
+    held-out log-variance median, both by least squares."""
+    evals = run["evals"]
+    per_doubling = _slope([math.log2(e["step"]) for e in evals], [e["logvar_median"] for e in evals])
+    tail = evals[-3:]
+    return per_doubling, 1000 * _slope([e["step"] for e in tail], [e["logvar_median"] for e in tail])
+
+
+def _slope(xs: list[float], ys: list[float]) -> float:
+    if len(xs) < 2:
+        return float("nan")
+    mx, my = statistics.mean(xs), statistics.mean(ys)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+
+
+def trend_table(runs: dict[str, dict]) -> str:
+    """Per recipe: how fast the posterior narrows with training, and the steps to SD's level if it kept on."""
+    by_recipe: dict[str, list[dict]] = {}
+    for name, run in runs.items():
+        by_recipe.setdefault(recipe(name), []).append(run)
+    rows = []
+    for name, group in by_recipe.items():
+        trends = [median_trend(r) for r in group]
+        lasts = [(r["evals"][-1]["step"], r["evals"][-1]["logvar_median"]) for r in group]
+        linear = [step + 1000 * (SD_UPPER - m) / t for (step, m), (_, t) in zip(lasts, trends) if t < 0]
+        doubling = [step * 2 ** ((SD_UPPER - m) / d) for (step, m), (d, _) in zip(lasts, trends) if d < 0]
+        rows.append([name, len(group), spread([d for d, _ in trends], ".2f"), spread([t for _, t in trends], ".2f"),
+                     step_spread(linear), step_spread(doubling)])
+    return markdown(["recipe", "seeds", "logvar median: nats per doubling of steps", "nats per 1000 steps, last three evals",
+                     f"steps to {SD_UPPER:g} nats, last rate kept (median)", f"the same, rate per doubling kept"],
+                    rows)
+
+
+def step_spread(steps: list[float]) -> str:
+    """'median (min to max)' of step counts as 11k or 2.4M; '-' when the median does not fall."""
+    def short(n: float) -> str:
+        return f"{n / 1e3:.0f}k" if n < 1e6 else f"{n / 1e6:.1f}M" if n < 1e9 else "over 1G"
+    if not steps:
+        return "-"
+    mid = short(statistics.median(steps))
+    return mid if len(steps) == 1 else f"{mid} ({short(min(steps))} to {short(max(steps))})"
+
+
 def spread(values: list[float], fmt: str) -> str:
     """'mean (min to max)' over seeds; the value alone for one seed."""
     if len(values) == 1:
@@ -123,7 +171,7 @@ def main(argv=None) -> int:
             return 2
         print(steps_table(runs[a.steps]))
         return 0
-    print(runs_table(runs) + "\n\n" + recipes_table(runs))
+    print(runs_table(runs) + "\n\n" + recipes_table(runs) + "\n\n" + trend_table(runs))
     return 0
 
 
