@@ -23,6 +23,8 @@ def test_the_study_page_shows_exactly_the_tables_its_records_give():
     assert out.stdout.strip() in page, "docs/black-hole-study.md: rerun bench/study_tables.py and paste its tables"
     runs = sorted(p.name.removesuffix(".train.json") for p in (ROOT / "docs" / "study").glob("*.train.json"))
     assert all(f"| {name} |" in out.stdout for name in runs)  # every kept record has its row
+    recipes = out.stdout.strip().split("\n\n")[1]
+    assert recipes.startswith("| recipe |") and recipes in (ROOT / "README.md").read_text(), "README: paste the recipes table"
 
 
 def test_a_run_step_by_step_and_clear_refusals(tmp_path):
