@@ -23,6 +23,7 @@ from ..vae_fix.errors import InputError, VAELoadError
 from ..vae_fix.progress import ProgressFn
 from .host_codec import place_model, codec, core_attempts, downscale, vae_kind, vae_summary  # noqa: F401  (for the nodes)
 from .host_families import FAMILIES, family_of
+from .host_variants import adapt_to_variant
 
 VAE_FOLDER = "vae"
 SHIPPED = "vae_fix_trained/"  # the VAEs trained by this project (vae_fix/models), listed beside models/vae
@@ -156,14 +157,6 @@ def _check_host_support(cfg, path) -> None:
     if not cfg.double_z:
         raise VAELoadError(path, "its encoder outputs a latent without a variance (a plain autoencoder), which ComfyUI's KL model cannot hold",
                            "a KL VAE whose encoder outputs mean and log-variance")
-    if cfg.decoder_norm != "group":
-        raise VAELoadError(path, f"its decoder normalises each pixel alone in its last level ('{cfg.decoder_norm}' "
-                           "norm, a training-study variant), which ComfyUI's KL model cannot run",
-                           "a KL VAE with GroupNorm throughout (the pack's command line reads this one)")
-    if cfg.latent_bound:
-        raise VAELoadError(path, f"its latent means are bounded by tanh (+-{cfg.latent_bound:g}, a training-study variant "
-                           "declared in its metadata), which ComfyUI's KL model cannot apply",
-                           "a KL VAE without a latent bound (the pack's command line reads this one)")
     if not cfg.mid_attention or cfg.norm_groups != 32:
         raise VAELoadError(path, "ComfyUI's KL model always has mid-block attention and GroupNorm(32); this VAE differs",
                            "a KL-F8 style VAE (mid attention, 32 norm groups)")
@@ -187,6 +180,7 @@ def to_host_vae(vae_file, dtype: str = "auto", path=None) -> "comfy.sd.VAE":
     if vae.first_stage_model is None:
         raise VAELoadError(path, "ComfyUI did not recognise the weights as a VAE", "a KL VAE state dict")
     check_keys(path, vae_kind(vae), set(vae.first_stage_model.state_dict()), set(sd))
+    vae.vae_fix_variant = adapt_to_variant(vae, cfg)  # a pixel-norm decoder, tanh-bounded latents: as the file declares
     vae.latent_channels = cfg.latent_channels  # core reads it from the decoder's z width
     vae.downscale_ratio = vae.upscale_ratio = cfg.downscale
     return vae

@@ -66,6 +66,7 @@ def load_strict(path: str, name: str, dtype: str = "auto", padding: str = "zeros
             vae = host.to_host_vae(vae_file, dtype, path=name)
             _check_float16_range(vae, vae_file.state_dict, str(path))
             info = vae_file.info()
+            info["notes"] += vae.vae_fix_variant  # what the host's model was made to compute
         else:  # SVD: the engine reads only its encoder; the host builds it whole
             vae, info = _host_family(raw, str(path), dtype, None)
     key = family_id(vae.first_stage_model)

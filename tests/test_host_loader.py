@@ -78,18 +78,29 @@ def test_missing_keys_refused_where_core_runs_half_loaded(host):
     server_still_serves(host)
 
 
-@pytest.mark.parametrize("variant,message", [({"decoder_norm": "pixel"}, "normalises each pixel alone"),
-                                             ({"latent_bound": 3.0}, "bounded by tanh (+-3")])
-def test_a_study_variant_is_refused_where_comfyuis_kl_model_would_run_it_as_plain_kl(host, variant, message):
-    from vae_fix.loader import save_vae
+@pytest.mark.parametrize("variant", [{"decoder_norm": "pixel"}, {"latent_bound": 0.5}])
+def test_a_study_variant_runs_in_core_nodes_as_the_file_declares(host, variant):
+    """A pixel-norm decoder or tanh-bounded means: the host's KL model computes the engine's pixels, not
+    the plain KL model's that the same weights would give."""
+    from dataclasses import replace
+
+    from vae_fix.loader import load_vae, save_vae
     from vae_fix.model import AutoencoderKL, VAEConfig
+    from vae_fix.train_eval import reconstruct
 
     name = f"variant_{next(iter(variant))}.safetensors"
+    torch.manual_seed(0)
     save_vae(AutoencoderKL(VAEConfig(base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, **variant)), host.vae_dir / name)
-    err = failed(host.run(encode_decode(ours(name), "gradient.png")))
-    assert err["node_type"] == "VAEFixLoadVAE" and name in err["exception_message"]
-    assert message in err["exception_message"]
-    server_still_serves(host)
+    outputs = succeeded(host.run(encode_decode(ours(name), "gradient.png")))
+    got = images_of(host, outputs, "5")[0].astype(np.float32) / 255  # [H, W, 3]
+    x = read_png(host.input_dir / "gradient.png")                      # [1, 3, H, W] 0..1
+    model = load_vae(host.vae_dir / name).model
+    plain = AutoencoderKL(replace(model.config, decoder_norm="group", latent_bound=0.0))
+    plain.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        want, plain_out = (reconstruct(m, x)[0][0].permute(1, 2, 0).numpy() for m in (model, plain))
+    assert np.abs(got - want).max() <= 2 / 255  # PNG rounding only
+    assert np.abs(got - plain_out).max() > 10 / 255, "the variant must change this model's pixels"
 
 
 def convert_prompt(vae_name: str, layout: str, filename: str) -> dict:

@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import InputError
+from .variants import NORM_EPS, PixelNorm, bound_means  # noqa: F401  (PixelNorm: part of this module's API)
 
 NORM_GROUPS = 32  # every KL-F8 family uses GroupNorm(32, eps=1e-6)
-NORM_EPS = 1e-6
 MAX_LEVELS = 8    # downscale 128: beyond any family (SD 8x, Hunyuan Image 32x)
 MAX_BLOCKS = 16   # res blocks per level (SD: 2)
 PADDING_MODES = ("zeros", "reflect")  # "reflect": VAEs retrained with reflection padding (EQ-VAE style)
@@ -54,20 +54,6 @@ class VAEConfig:
 
 
 DECODER_NORMS = ("group", "pixel")
-
-
-class PixelNorm(nn.Module):
-    """Each pixel normalised over its own channels (mean and variance), with GroupNorm's parameters
-    (`weight`, `bias` [C]): no statistic is shared between cells, so one latent cell cannot steer the
-    normalisation of the whole image (the study's "decoder without GroupNorm in its last stage")."""
-
-    def __init__(self, c: int):
-        super().__init__()
-        self.weight, self.bias = nn.Parameter(torch.ones(c)), nn.Parameter(torch.zeros(c))
-
-    def forward(self, x):  # [B, C, H, W]
-        x = (x - x.mean(1, keepdim=True)) * torch.rsqrt(x.var(1, keepdim=True, unbiased=False) + NORM_EPS)
-        return x * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
 
 
 def _norm(c: int, groups: int, pixel: bool = False) -> nn.Module:
@@ -251,10 +237,8 @@ class AutoencoderKL(nn.Module):
         """`[B, 3, H, W]` in -1..1 → `[B, 2C, h, w]`: mean, then raw (unclamped) log-variance."""
         h = self.encoder(x)
         m = self.quant_conv(h) if self.quant_conv is not None else h
-        bound, c = self.config.latent_bound, self.config.latent_channels
-        if bound > 0:  # a study variant: no weight can express the tanh, the file's metadata declares it
-            m = torch.cat([bound * torch.tanh(m[:, :c] / bound), m[:, c:]], 1)
-        return m
+        bound = self.config.latent_bound  # a study variant: no weight expresses it, the file declares it
+        return bound_means(m, self.config.latent_channels, bound) if bound > 0 else m
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """The posterior mean `[B, C, h, w]` (what ComfyUI's VAE Encode returns)."""

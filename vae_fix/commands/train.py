@@ -18,7 +18,7 @@ FLAGS = {
     "--logvar-penalty": ("logvar_penalty", float, "weight of the floor penalty mean(relu(floor - logvar)^2) (0: off)"),
     "--latent-noise": ("latent_noise", float, "std of extra noise added to z before decoding (0: off)"),
     "--latent-tanh": ("latent_bound", float, "bound the latent means to +-B as B*tanh(mean/B) (TAESD: 3; 0: off; the "
-                                             "file then loads in this pack only, not in ComfyUI's KL model)"),
+                                             "file declares it: in ComfyUI, load it with Load VAE (strict))"),
     "--base-channels": ("base_channels", int, "width of the first level (a multiple of 32; SD: 128)"),
     "--blocks": ("num_res_blocks", int, "res blocks per encoder level (the decoder has one more; SD: 2)"),
     "--latent-channels": ("latent_channels", int, "latent channels C (SD: 4)"),
@@ -44,8 +44,8 @@ def add_arguments(p) -> None:
                    help="roll z and the target image by the same random whole cells before decoding")
     p.add_argument("--decoder-norm", choices=DECODER_NORMS, default=None,
                    help="group: GroupNorm everywhere (SD); pixel: the decoder's last level and norm_out normalise each "
-                        "pixel over its channels, so no cell can steer the whole image's normalisation (the file then "
-                        "loads in this pack only, not in ComfyUI's KL model)")
+                        "pixel over its channels, so no cell can steer the whole image's normalisation (the file "
+                        "declares it: in ComfyUI, load it with Load VAE (strict))")
     p.add_argument("--images", metavar="DIR", help="train on this folder's images instead of the built-in sources")
     p.add_argument("--held-out", nargs="*", default=None, metavar="NAME",
                    help="image names (file stems, wallpaper names) kept for evaluation (default: chelsea coffee "
