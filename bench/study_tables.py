@@ -26,6 +26,12 @@ def load(folder: Path) -> dict[str, dict]:
     return {name: runs[name] for name in sorted(runs, key=_order) if runs[name].get("evals")}
 
 
+def load_final_reach(folder: Path) -> dict[str, dict]:
+    """NAME -> the final model's reach on every held-out photo (bench/study_reach.py), where measured."""
+    path = folder / "final_reach.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 def _order(name: str) -> tuple:
     return (RECIPE_ORDER.index(recipe(name)) if recipe(name) in RECIPE_ORDER else len(RECIPE_ORDER), name)
 
@@ -71,22 +77,51 @@ def runs_table(runs: dict[str, dict]) -> str:
                      "verdict at the last step"], rows)
 
 
-def recipes_table(runs: dict[str, dict]) -> str:
-    by_recipe: dict[str, list[dict]] = {}
-    for name, run in runs.items():
-        by_recipe.setdefault(recipe(name), []).append(run)
+def reach_table(runs: dict[str, dict], finals: dict[str, dict]) -> str:
+    """Each run's final model on every held-out photo: the worst cell's reach over the median cell's."""
+    measured = [n for n in runs if n in finals and finals[n]["step"] == runs[n]["evals"][-1]["step"]]
+    if not measured:
+        return ""
+    photos = list(finals[measured[0]]["worst_over_median"])
     rows = []
-    for name, group in by_recipe.items():
+    for name in measured:
+        reach = finals[name]["worst_over_median"]
+        rows.append([name, *(f"{reach[p]:.0f}" for p in photos), f"{statistics.median(reach.values()):.0f}",
+                     f"{max(reach.values()):.0f}"])
+    return markdown(["run (final model)", *photos, "median", "worst"], rows)
+
+
+def by_recipe(runs: dict[str, dict]) -> dict[str, dict[str, dict]]:
+    """recipe -> {run name: record}, in the study's order."""
+    groups: dict[str, dict[str, dict]] = {}
+    for name, run in runs.items():
+        groups.setdefault(recipe(name), {})[name] = run
+    return groups
+
+
+def recipes_table(runs: dict[str, dict], finals: dict[str, dict] | None = None) -> str:
+    rows = []
+    for name, named in by_recipe(runs).items():
+        group = list(named.values())
         lasts = [r["evals"][-1] for r in group]
         rows.append([name, len(group), spread([e["psnr"]["256"]["mean"] for e in lasts], ".2f"),
                      spread([e["logvar_median"] for e in lasts], ".2f"),
                      spread([lowest(r["evals"])["logvar_min"] for r in group], ".1f"),
                      spread([peak(r["evals"]) for r in group], ".0f"),
                      sum(any(e["verdict"].get("black_hole") for e in r["evals"]) for r in group),
-                     sum(bool(e["verdict"].get("black_hole")) for e in lasts)])
+                     sum(bool(e["verdict"].get("black_hole")) for e in lasts), final_reach_cell(named, finals or {})])
     return markdown(["recipe", "seeds", "PSNR @256 at the end: mean (range)", "logvar median at the end",
-                     "lowest logvar over training", "peak worst reach / median", "runs with a black hole at any eval",
-                     "runs with one at the end"], rows)
+                     "lowest logvar over training", "peak worst reach / median (chelsea)", "runs with a black hole at any eval",
+                     "runs with one at the end", "final worst reach / median, 5 photos: median"], rows)
+
+
+def final_reach_cell(named: dict[str, dict], finals: dict) -> str:
+    """Over the recipe's seeds: each final model's median over the five held-out photos."""
+    medians = [statistics.median(finals[n]["worst_over_median"].values()) for n, r in named.items()
+               if n in finals and finals[n]["step"] == r["evals"][-1]["step"]]
+    if not medians:
+        return "-"
+    return spread(medians, ".0f") + ("" if len(medians) == len(named) else f" ({len(medians)} of {len(named)} seeds)")
 
 
 SD_UPPER = -17.0  # the SD VAE's log-variance lies at -17 to -23 nats, its hole at the -30 floor
@@ -110,11 +145,9 @@ def _slope(xs: list[float], ys: list[float]) -> float:
 
 def trend_table(runs: dict[str, dict]) -> str:
     """Per recipe: how fast the posterior narrows with training, and the steps to SD's level if it kept on."""
-    by_recipe: dict[str, list[dict]] = {}
-    for name, run in runs.items():
-        by_recipe.setdefault(recipe(name), []).append(run)
     rows = []
-    for name, group in by_recipe.items():
+    for name, named in by_recipe(runs).items():
+        group = list(named.values())
         trends = [median_trend(r) for r in group]
         lasts = [(r["evals"][-1]["step"], r["evals"][-1]["logvar_median"]) for r in group]
         linear = [step + 1000 * (SD_UPPER - m) / t for (step, m), (_, t) in zip(lasts, trends) if t < 0]
@@ -122,7 +155,7 @@ def trend_table(runs: dict[str, dict]) -> str:
         rows.append([name, len(group), spread([d for d, _ in trends], ".2f"), spread([t for _, t in trends], ".2f"),
                      step_spread(linear), step_spread(doubling)])
     return markdown(["recipe", "seeds", "logvar median: nats per doubling of steps", "nats per 1000 steps, last three evals",
-                     f"steps to {SD_UPPER:g} nats, last rate kept (median)", f"the same, rate per doubling kept"],
+                     f"steps to {SD_UPPER:g} nats, last rate kept (median)", "the same, rate per doubling kept"],
                     rows)
 
 
@@ -171,7 +204,9 @@ def main(argv=None) -> int:
             return 2
         print(steps_table(runs[a.steps]))
         return 0
-    print(runs_table(runs) + "\n\n" + recipes_table(runs) + "\n\n" + trend_table(runs))
+    finals = load_final_reach(a.records)
+    tables = [runs_table(runs), recipes_table(runs, finals), trend_table(runs), reach_table(runs, finals)]
+    print("\n\n".join(t for t in tables if t))
     return 0
 
 

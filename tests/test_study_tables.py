@@ -23,6 +23,10 @@ def test_the_study_page_shows_exactly_the_tables_its_records_give():
     assert out.stdout.strip() in page, "docs/black-hole-study.md: rerun bench/study_tables.py and paste its tables"
     runs = sorted(p.name.removesuffix(".train.json") for p in (ROOT / "docs" / "study").glob("*.train.json"))
     assert all(f"| {name} |" in out.stdout for name in runs)  # every kept record has its row
+    finals = json.loads((ROOT / "docs" / "study" / "final_reach.json").read_text())
+    for name, final in finals.items():  # a final model's reach belongs to its run's last evaluation
+        assert json.loads((ROOT / "docs" / "study" / f"{name}.train.json").read_text())["evals"][-1]["step"] == final["step"]
+        assert f"| {name} | " + " | ".join(f"{v:.0f}" for v in final["worst_over_median"].values()) in out.stdout
     recipes = out.stdout.strip().split("\n\n")[1]
     assert recipes.startswith("| recipe |") and recipes in (ROOT / "README.md").read_text(), "README: paste the recipes table"
 

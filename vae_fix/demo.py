@@ -116,6 +116,7 @@ def _training(metadata: dict) -> str:
     fixes = [f"log-variance floor {s['logvar_floor']:g} (penalty {s['logvar_penalty']:g})" if s.get("logvar_penalty") else "",
              f"latent noise {s['latent_noise']:g}" if s.get("latent_noise") else "",
              "latent rolls" if s.get("latent_roll") else "",
+             "pixel-norm decoder" if s.get("decoder_norm") == "pixel" else "",
              f"tanh-bounded latents (+-{s['latent_bound']:g})" if s.get("latent_bound") else ""]
     recipe = ", ".join(f for f in fixes if f) or "SD recipe"
     return f"{recipe}, KL weight {s['kl_weight']:g}, {metadata.get('vae_fix.train_step', '?')} steps"
