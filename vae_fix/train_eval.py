@@ -3,8 +3,9 @@
 Held-out photographs (never trained on) give reconstruction PSNR at 128 and 256 px, the posterior's
 log-variance (median, lowest, clamp-floor hits), the KL per latent element and the implied scale
 factor (1 / std of the latent means, as SD's 0.18215 is). The Health Check's probe images give the
-verdict and the anomaly depth, and the fast reach map of one held-out photo gives the worst cell's
-far reach over the median cell's. Nothing here trains: the model is evaluated as the host would
+verdict and the anomaly depth, and the fast reach map of every held-out photo gives the worst
+cell's far reach over the median cell's (`reach`: the first photo's, as the study first measured;
+`reach_photos`: each photo's, since one photo proved too few to rank models by). Nothing here trains: the model is evaluated as the host would
 run it (posterior mean, no sampling).
 """
 from __future__ import annotations
@@ -105,7 +106,9 @@ def evaluate(model, held: list[torch.Tensor], names: list[str], reach_size: int 
     try:
         record = held_out_metrics(model, held, names)
         record["verdict"] = verdict_metrics(model)
-        record["reach"] = reach_metrics(model, held[0], reach_size) if held else None
+        reach = [reach_metrics(model, image, reach_size) for image in held]
+        record["reach"] = reach[0] if reach else None
+        record["reach_photos"] = {name: r["worst_over_median"] for name, r in zip(names, reach)}
     finally:
         model.train(was_training)
     return record
