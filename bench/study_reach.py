@@ -7,6 +7,10 @@ on all five held-out photos, 256 px centre squares, and merges the numbers into
 docs/study/final_reach.json, which `bench/study_tables.py` tables.
 
     python bench/study_reach.py --runs runs [NAME ...] [--model NAME=FILE ...]
+    python bench/study_reach.py --picture docs/images/chelsea_worst_cells.jpg
+
+--picture draws, on the photo the training evaluations measure (`chelsea`, 256 px), the worst cell of
+every evaluation of every run in docs/study, and prints how many lie by each of the cells marked most.
 
 --model measures a run whose folder is gone from its final model kept elsewhere (the shipped ones:
 sd-s0=vae_fix/models/sd_recipe_small.safetensors).
@@ -37,12 +41,42 @@ def measure(path: Path, images) -> dict:
     return {"step": step, "model": path.name, "worst_over_median": reach}
 
 
+def worst_cells_picture(out: Path) -> None:
+    """Every evaluation's worst cell on the evaluated photo, each a red square (8 px a cell, shown 2x)."""
+    from collections import Counter
+
+    from PIL import Image, ImageDraw
+
+    from vae_fix.train_data import HELD_OUT, centre_square
+
+    images = load_images()
+    photo = centre_square(images.held[images.held_names.index(HELD_OUT[0])], 256)[0]  # [3, 256, 256] 0..1
+    im = Image.fromarray((photo.permute(1, 2, 0).clamp(0, 1) * 255).byte().numpy()).resize((512, 512))
+    draw, cells = ImageDraw.Draw(im), Counter()
+    for record in sorted(RECORD.parent.glob("*.train.json")):
+        for e in json.loads(record.read_text())["evals"]:
+            y, x = e["reach"]["worst_cell"]["y"], e["reach"]["worst_cell"]["x"]
+            cells[(y, x)] += 1
+            draw.rectangle([x * 16, y * 16, x * 16 + 15, y * 16 + 15], outline=(255, 0, 0), width=2)
+    im.save(out, quality=90)
+    total = sum(cells.values())
+    for (y, x), _ in cells.most_common(2):
+        near = sum(n for (cy, cx), n in cells.items() if abs(cy - y) <= 1 and abs(cx - x) <= 1)
+        print(f"within one cell of ({y}, {x}): {near} of {total} evaluations")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--runs", type=Path, required=True, help="folder of the run folders")
+    p.add_argument("--runs", type=Path, help="folder of the run folders")
+    p.add_argument("--picture", type=Path, help="draw every evaluation's worst cell into this picture instead")
     p.add_argument("names", nargs="*", help="runs to measure (default: every run folder with a vae.safetensors)")
     p.add_argument("--model", action="append", default=[], metavar="NAME=FILE", help="a run's final model kept elsewhere")
     a = p.parse_args(argv)
+    if a.picture:
+        worst_cells_picture(a.picture)
+        return 0
+    if a.runs is None:
+        p.error("--runs is needed to measure")
     todo = {n: a.runs / n / "vae.safetensors" for n in a.names} if a.names else \
         {f.parent.name: f for f in sorted(a.runs.glob("*/vae.safetensors"))}
     todo.update(dict((n, Path(f)) for n, f in (m.split("=", 1) for m in a.model)))
