@@ -182,9 +182,15 @@ def steps_table(run: dict) -> str:
              f"{e['implied_scale_factor']:.3f}",
              f"{e['reach']['worst_over_median']:.0f} ({e['reach']['worst_cell']['y']}, {e['reach']['worst_cell']['x']})",
              verdict(e)] for e in run["evals"]]
+    header = ["step", "PSNR @128", "PSNR @256", "logvar median", "logvar min", "clamp-floor hits", "KL / element",
+              "scale factor", "worst reach / median (cell)", "verdict"]
+    if all("reach_photos" in e for e in run["evals"]):  # runs from 2026-12-05 on: every held-out photo
+        header.insert(-1, "reach, every held-out photo: median (worst)")
+        for row, e in zip(rows, run["evals"]):
+            values = e["reach_photos"].values()
+            row.insert(-1, f"{statistics.median(values):.0f} ({max(values):.0f})")
     photos = run["evals"][-1]["psnr"]["256"]["per_image"]
-    return (markdown(["step", "PSNR @128", "PSNR @256", "logvar median", "logvar min", "clamp-floor hits", "KL / element",
-                      "scale factor", "worst reach / median (cell)", "verdict"], rows)
+    return (markdown(header, rows)
             + f"\n\nPer held-out photo at 256 px, step {run['evals'][-1]['step']}: "
             + ", ".join(f"{k} {v:.2f}" for k, v in photos.items()) + " dB.")
 

@@ -45,6 +45,11 @@ def test_a_run_step_by_step_and_clear_refusals(tmp_path):
     assert "| 400 | 16.00 | 17.00 | -2.00 | -27.00 | 1 | 4.00 | 0.400 | 10 (1, 2) | **black hole in 6/10 probes** |" in steps.stdout
     summary = tables("--records", str(tmp_path)).stdout
     assert "| kl-s3 | 800 | 17.00 | 18.00 | -2.00 | -23.00 | -27.00 (400) | 1 | 20 (20) | 1 | no black hole found |" in summary
+    for e in record["evals"]:  # a newer record: reach on every held-out photo too
+        e["reach_photos"] = {"chelsea": e["reach"]["worst_over_median"], "coffee": 3.0, "rocket": 100.0}
+    (tmp_path / "kl-s3.train.json").write_text(json.dumps(record))
+    steps = tables("--records", str(tmp_path), "--steps", "kl-s3").stdout
+    assert "| 10 (1, 2) | 10 (100) | **black hole in 6/10 probes** |" in steps and "20 (100)" in steps
     missing = tables("--records", str(tmp_path), "--steps", "sd-s9")
     assert missing.returncode == 2 and "sd-s9" in missing.stderr and "kl-s3" in missing.stderr
     empty = tables("--records", str(tmp_path / "none"))
