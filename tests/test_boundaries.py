@@ -12,7 +12,7 @@ HOST_MODULES = {"comfy", "comfy_api", "comfy_extras", "comfy_execution", "folder
                 "execution", "latent_preview", "node_helpers"}
 HOST_ATTRIBUTES = {"first_stage_model", "patcher", "memory_used_encode", "memory_used_decode", "vae_dtype",
                    "spacial_compression_encode", "output_device", "disable_offload", "upscale_ratio", "downscale_ratio"}
-HOST_ADAPTER = {"host.py", "host_codec.py", "host_families.py", "host_loading.py", "host_fp16.py"}  # the host adapter: host.py, and beside it the codec, the family table, strict loading and the fp16 fix of the host's models
+HOST_ADAPTER = {"host.py", "host_codec.py", "host_families.py", "host_loading.py", "host_fp16.py", "host_variants.py"}  # the host adapter: host.py, and beside it the codec, the family table, strict loading, the fp16 fix and the study's variants of the host's models
 NODE_API = {"comfy_api"}  # node modules declare their schema with comfy_api.v0_0_2.io (a pinned API version): that is the node API, not internals
 
 
