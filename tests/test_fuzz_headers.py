@@ -12,6 +12,9 @@ from fuzzing import CASE_SECONDS, deadline
 
 CASES = 10_500
 HOSTILE = [-1, 2 ** 64, 1.5, "7", None, [], {}, True, [1], [0, 2 ** 70], [[0, 1]], "F32", {"a": 1}]
+PACK_KEYS = ["vae_fix.latent_bound", "vae_fix.decoder_norm", "vae_fix.diffusers_config"]  # what the loader reads back
+PACK_VALUES = ["nan", "inf", "-3", "1e999", "0.05", "1" * 5000, "pixel", "group", "Pixel", "pixel\x00", "", "{}",
+               '{"scaling_factor": "x"}', '{"shift_factor": 1e999}', 3, None, [1], {"a": 1}]
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +59,10 @@ def mutate(rng: random.Random, header: dict, data: bytes) -> bytes:
         if rng.random() < 0.7:
             h[rng.choice(["encoder.down.9999.block.0.conv1.weight", "decoder.time_stack.0.weight", name + "x",
                           "encoder.down." + "9" * 5000 + ".block.0.conv1.weight", ""])] = entry
-    else:  # metadata of the wrong type
+    elif rng.random() < 0.5:  # metadata of the wrong type
         h["__metadata__"] = rng.choice([[], "x", {"vae_fix.diffusers_config": "[" * 50_000}, {"k": 1}, None])
+    else:  # a hostile value under a key the loader reads back (a study variant, a diffusers setting)
+        h["__metadata__"] = {rng.choice(PACK_KEYS): rng.choice(PACK_VALUES) for _ in range(rng.randint(1, 3))}
     return pack(json.dumps(h).encode(), data)
 
 
