@@ -6,13 +6,13 @@ import random
 import pytest
 
 from vae_fix.errors import VAEFixError
-from vae_fix.loader import read_vae, save_vae
+from vae_fix.loader import BOUND_META_KEY, CONFIG_META_KEY, NORM_META_KEY, read_vae, save_vae
 from vae_fix.model import VAEConfig, random_vae
 from fuzzing import CASE_SECONDS, deadline
 
 CASES = 10_500
 HOSTILE = [-1, 2 ** 64, 1.5, "7", None, [], {}, True, [1], [0, 2 ** 70], [[0, 1]], "F32", {"a": 1}]
-PACK_KEYS = ["vae_fix.latent_bound", "vae_fix.decoder_norm", "vae_fix.diffusers_config"]  # what the loader reads back
+PACK_KEYS = [BOUND_META_KEY, NORM_META_KEY, CONFIG_META_KEY]  # what the loader reads back
 PACK_VALUES = ["nan", "inf", "-3", "1e999", "0.05", "1" * 5000, "pixel", "group", "Pixel", "pixel\x00", "", "{}",
                '{"scaling_factor": "x"}', '{"shift_factor": 1e999}', 3, None, [1], {"a": 1}]
 
