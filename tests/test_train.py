@@ -119,6 +119,18 @@ def test_reading_training_images_bounds_their_size_without_touching_pillow(tmp_p
         train_data.read_uint8(tmp_path / "big.png")
 
 
+def test_the_default_training_set_is_refused_when_a_source_is_missing(tmp_path, monkeypatch):
+    # Without scikit-image a run once trained on the wallpapers alone: chelsea, coffee and rocket gone.
+    from vae_fix import train_data
+    monkeypatch.setattr(train_data, "skimage_files", lambda: [])
+    monkeypatch.setattr(train_data, "wallpaper_files", lambda: [tmp_path / "Path.jpg"])
+    with pytest.raises(InputError, match=r"incomplete: scikit-image's photographs \(pip install scikit-image\)"):
+        train_data.load_images()
+    monkeypatch.setattr(train_data, "wallpaper_files", lambda: [])
+    with pytest.raises(InputError, match="scikit-image.* and Debian's wallpapers.*plasma-workspace-wallpapers"):
+        train_data.load_images()
+
+
 def test_settings_are_checked():
     with pytest.raises(InputError, match="crop"):
         TrainSettings(crop=100).check()

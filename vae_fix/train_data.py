@@ -61,7 +61,16 @@ def image_name(path: Path) -> str:
 
 
 def default_files() -> list[Path]:
-    return skimage_files() + wallpaper_files()
+    """Both default sources, or the clear error naming the missing one: without it the training set
+    and the held-out photographs would silently differ from the study's."""
+    photos, wallpapers = skimage_files(), wallpaper_files()
+    missing = ([] if photos else ["scikit-image's photographs (pip install scikit-image)"]) + \
+              ([] if wallpapers else [f"Debian's wallpapers in {WALLPAPERS} "
+                                      "(apt-get install plasma-workspace-wallpapers)"])
+    if missing:
+        raise InputError("images", f"the default training set is incomplete: {' and '.join(missing)} not found",
+                         "both sources installed, or your own folder with --images DIR")
+    return photos + wallpapers
 
 
 def folder_files(folder) -> list[Path]:
