@@ -110,7 +110,6 @@ class ImageSet:
 def load_images(files=None, held_out=HELD_OUT, min_side: int = 128) -> ImageSet:
     """Read every file (default: scikit-image's colour photos and the Debian wallpapers); names in
     `held_out` go to evaluation. Images under `min_side` px are skipped (too small to crop)."""
-    given = files is not None
     files = default_files() if files is None else [Path(f) for f in files]
     train, train_names, held, held_names = [], [], [], []
     for f in files:
@@ -123,9 +122,7 @@ def load_images(files=None, held_out=HELD_OUT, min_side: int = 128) -> ImageSet:
     if not train:
         raise InputError("images", f"no training image of at least {min_side} px among {len(files)} files "
                          f"(held out: {', '.join(held_names) or 'none'})",
-                         f"a folder with PNG/JPEG/WebP images of at least {min_side} px a side" if given else
-                         "scikit-image installed (pip install scikit-image), Debian's plasma-workspace-wallpapers "
-                         "(apt-get install plasma-workspace-wallpapers), or --images DIR")
+                         f"PNG/JPEG/WebP images of at least {min_side} px a side, not all held out")
     return ImageSet(train, train_names, held, held_names,
                     {"skimage": str(skimage_files()[0].parent) if skimage_files() else None,
                      "wallpapers": str(WALLPAPERS) if WALLPAPERS.is_dir() else None})
