@@ -9,7 +9,7 @@ import torch
 from vae_fix.builders.overflow import overflowing_vae
 from vae_fix.builders.planted import demo_image
 from vae_fix.cli import main
-from vae_fix.fp16_fix import MIN_PSNR, fp16_fix
+from vae_fix.fp16_fix import KL, MIN_PSNR, fp16_fix, prove
 from vae_fix.loader import load_vae, save_vae
 from vae_fix.model import preset_config, random_vae
 from vae_fix.probes import probe_images
@@ -70,6 +70,7 @@ def test_a_safe_vae_is_left_as_it_is():
     images, names = probe_images((64,))
     result = fp16_fix(model, images[:3], names[:3])
     assert not result.changed and result.safe and "already fp16-safe" in result.summary()
+    assert prove(model, copy.deepcopy(model), KL, images[:1], names[:1]) == result.proof[:1]  # every pass run twice
 
 
 @pytest.mark.parametrize("layout", ["compvis", "diffusers"])
