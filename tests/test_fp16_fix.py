@@ -9,7 +9,7 @@ import torch
 from vae_fix.builders.overflow import overflowing_vae
 from vae_fix.builders.planted import demo_image
 from vae_fix.cli import main
-from vae_fix.fp16_fix import KL, MIN_PSNR, fp16_fix, prove
+from vae_fix.fp16_fix import KL, MIN_PSNR, _batches, fp16_fix, prove
 from vae_fix.loader import load_vae, save_vae
 from vae_fix.model import preset_config, random_vae
 from vae_fix.probes import probe_images
@@ -28,7 +28,7 @@ def fp16_decode(model, image):
 def fixed():
     model = overflowing_vae()
     images, names = probe_images((64,))  # fp16 convolutions are 30-100x slower than fp32 on CPUs without native fp16
-    return model, fp16_fix(model, images[::2], names[::2], held_out=[demo_image(128, 128, None)], held_out_names=["demo@128"])
+    return model, fp16_fix(model, images[::2], names[::2], held_out=[demo_image(96, 96, None)], held_out_names=["demo@96"])
 
 
 def test_the_overflowing_vae_really_overflows_and_equals_the_random_one_in_fp32():
@@ -70,7 +70,20 @@ def test_a_safe_vae_is_left_as_it_is():
     images, names = probe_images((64,))
     result = fp16_fix(model, images[:3], names[:3])
     assert not result.changed and result.safe and "already fp16-safe" in result.summary()
-    assert prove(model, copy.deepcopy(model), KL, images[:1], names[:1]) == result.proof[:1]  # every pass run twice
+    assert prove(model, copy.deepcopy(model), KL, images[:3], names[:3]) == result.proof  # every pass run twice
+
+
+def test_the_proof_batches_same_size_images_and_keeps_their_order_and_rows():
+    model = random_vae(preset_config("sd", small=True), 1).eval()
+    images = [demo_image(s, s, None) for s in (64, 64, 96, 64)]
+    names = [f"{i}@{x.shape[-1]}" for i, x in enumerate(images)]
+    assert [n for _, n in _batches(images, names)] == [["0@64", "1@64"], ["2@96"], ["3@64"]]
+    assert [len(n) for _, n in _batches([images[0]] * 70, ["p"] * 70)] == [64, 6]  # BATCH_PIXELS: 64 of 64 px
+    rows = prove(model, model, KL, images, names, same=True)
+    assert [(r["image"], r["size"]) for r in rows] == [(n, [int(n[2:])] * 2) for n in names]
+    alone = prove(model, model, KL, images[1:2], names[1:2], same=True)[0]  # fp16 kernels differ by batch size
+    assert alone["fp16_psnr_db"] == pytest.approx(rows[1]["fp16_psnr_db"], abs=1.0) and alone["fp16_psnr_db"] > MIN_PSNR
+    assert alone["fp32_pixel_max_abs_diff"] == rows[1]["fp32_pixel_max_abs_diff"] == 0
 
 
 @pytest.mark.parametrize("layout", ["compvis", "diffusers"])

@@ -39,6 +39,7 @@ from .result import Picture, Result
 
 FP16_MAX = 65504.0
 DEFAULT_HEADROOM = 16.0
+BATCH_PIXELS = 4 * 256 * 256  # pixels proven in one batch (`_batches`): ten probes of 128 px, four of 256
 MIN_PSNR = 40.0          # dB of fp16 against fp32 decoded pixels: below it the fix is not written
 WATCHED = (nn.Conv2d, nn.Conv3d, nn.GroupNorm)  # besides the plan's blocks: every tensor the plot shows
 
@@ -46,8 +47,8 @@ WATCHED = (nn.Conv2d, nn.Conv3d, nn.GroupNorm)  # besides the plan's blocks: eve
 @dataclass(frozen=True)
 class Runner:
     """How the fix runs one kind of model (the model itself, or a half-precision copy of it):
-    `means(model, x)` for x `[1, 3, H, W]` in -1..1 gives the posterior means; `decode(model, z)`
-    the pixels in -1..1 `[1, 3, H, W]`, or None for a model without a decoder; `plan(model)` the
+    `means(model, x)` for x `[B, 3, H, W]` in -1..1 gives the posterior means; `decode(model, z)`
+    the pixels in -1..1 `[B, 3, H, W]`, or None for a model without a decoder; `plan(model)` the
     links to rescale (`fp16_scales`)."""
     family: str
     means: Callable
@@ -132,31 +133,52 @@ def prove(original: nn.Module, fixed: nn.Module, runner: Runner, images: list[to
     original_half = half_copy(original, runner.emulate_half)
     half = original_half if same else half_copy(fixed, runner.emulate_half)
     rows = []
-    for x, name in zip(images, names):
+    for x, batch_names in _batches(images, names):
         x = x * 2 - 1
         ref = runner.means(original, x)
-        mean = ref if same else runner.means(fixed, x)
-        row = {"image": name, "size": list(x.shape[-2:]), "fp32_mean_max_rel_diff": _rel(mean, ref)}
-        o16_mean = runner.means(original_half, runner.half(x)).float()
-        m16 = o16_mean if same else runner.means(half, runner.half(x)).float()
-        row["fp16_moments_finite"] = bool(torch.isfinite(m16).all())
-        row["fp16_mean_max_abs_diff"] = float((m16 - ref).abs().max()) if row["fp16_moments_finite"] else None
-        row["original_fp16_finite"] = bool(torch.isfinite(o16_mean).all())
+        out = {"ref": ref, "mean": ref if same else runner.means(fixed, x),
+               "o16_mean": runner.means(original_half, runner.half(x)).float()}
+        out["m16"] = out["o16_mean"] if same else runner.means(half, runner.half(x)).float()
         decoded = runner.decode(original, ref)
         if decoded is not None:
-            pixels = to_unit(decoded)
-            mine = pixels if same else to_unit(runner.decode(fixed, ref))
-            row["fp32_pixel_max_abs_diff"] = float((mine - pixels).abs().max())
-            o16 = runner.decode(original_half, runner.half(ref)).float()
-            p16 = o16 if same else runner.decode(half, runner.half(ref)).float()
-            row["fp16_decode_finite"] = bool(torch.isfinite(p16).all())
-            row["original_fp16_decode_finite"] = bool(torch.isfinite(o16).all())
-            row["fp16_psnr_db"] = psnr(to_unit(p16), pixels) if row["fp16_decode_finite"] else None
-            row["original_fp16_psnr_db"] = psnr(to_unit(o16), pixels) if row["original_fp16_decode_finite"] else None
-        rows.append(row)
+            out["pixels"] = to_unit(decoded)
+            out["mine"] = out["pixels"] if same else to_unit(runner.decode(fixed, ref))
+            out["o16"] = runner.decode(original_half, runner.half(ref)).float()
+            out["p16"] = out["o16"] if same else runner.decode(half, runner.half(ref)).float()
+        rows += [_row(name, list(x.shape[-2:]), {k: v[i:i + 1] for k, v in out.items()})
+                 for i, name in enumerate(batch_names)]
         if steps:
-            steps.step()
+            steps.step(len(batch_names))
     return rows
+
+
+def _batches(images: list[torch.Tensor], names: list[str]):
+    """Runs of same-size images `[1, 3, H, W]` as batches `[B, 3, H, W]` of at most BATCH_PIXELS, with
+    their names: a CPU's fp16 convolutions run about 4x quicker per image in a batch of 10 than alone."""
+    batch: list = []
+    for x, name in zip(images, names):
+        if batch and (x.shape != batch[0][0].shape or (len(batch) + 1) * x.shape[-2] * x.shape[-1] > BATCH_PIXELS):
+            yield torch.cat([b[0] for b in batch]), [b[1] for b in batch]
+            batch = []
+        batch.append((x, name))
+    if batch:
+        yield torch.cat([b[0] for b in batch]), [b[1] for b in batch]
+
+
+def _row(name: str, size: list, t: dict) -> dict:
+    """One image's proof row from its slices of the batch's outputs (`_batches`)."""
+    row = {"image": name, "size": size, "fp32_mean_max_rel_diff": _rel(t["mean"], t["ref"])}
+    row["fp16_moments_finite"] = bool(torch.isfinite(t["m16"]).all())
+    row["fp16_mean_max_abs_diff"] = float((t["m16"] - t["ref"]).abs().max()) if row["fp16_moments_finite"] else None
+    row["original_fp16_finite"] = bool(torch.isfinite(t["o16_mean"]).all())
+    if "pixels" in t:
+        pixels, p16, o16 = t["pixels"], t["p16"], t["o16"]
+        row["fp32_pixel_max_abs_diff"] = float((t["mine"] - pixels).abs().max())
+        row["fp16_decode_finite"] = bool(torch.isfinite(p16).all())
+        row["original_fp16_decode_finite"] = bool(torch.isfinite(o16).all())
+        row["fp16_psnr_db"] = psnr(to_unit(p16), pixels) if row["fp16_decode_finite"] else None
+        row["original_fp16_psnr_db"] = psnr(to_unit(o16), pixels) if row["original_fp16_decode_finite"] else None
+    return row
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
