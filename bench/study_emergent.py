@@ -1,0 +1,95 @@
+"""The pictures and numbers behind the study's emergent case (`sd64-s1`), from the run folders.
+
+    python bench/study_emergent.py --runs runs --out docs/images
+
+writes `sd64_s1_verdict.jpg` (the Health Check on the 20 probes: where each collapses) and
+`sd64_s1_reach.jpg` (touch one cell: |change| of the decoded picture when a cell is set to its
+neighbours' median, every panel on one colour scale), and prints each panel's exact reach. The
+panels: seed 1's deepest cells on `noise` and `chelsea`, an ordinary cell, seed 0's deepest `noise`
+cell, and seed 1's `noise` cell after `finetune` (RUNS/ft-sd64-s1/fixed.safetensors, when present).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from vae_fix import viz  # noqa: E402
+from vae_fix.codec import model_codec  # noqa: E402
+from vae_fix.inspect import inspect_vae  # noqa: E402
+from vae_fix.loader import load_vae  # noqa: E402
+from vae_fix.probes import probe_images  # noqa: E402
+from vae_fix.reach_measure import measure_cells, perturbation  # noqa: E402
+
+# (label, run file under RUNS, probe, cell (y, x)) on the 128 px probes
+PANELS = [("seed 1, noise (7, 6): collapsed", "sd64-s1/vae.safetensors", "noise", (7, 6)),
+          ("seed 1, chelsea (6, 5): collapsed", "sd64-s1/vae.safetensors", "chelsea", (6, 5)),
+          ("seed 1, noise (3, 12): ordinary", "sd64-s1/vae.safetensors", "noise", (3, 12)),
+          ("seed 0, noise (6, 1): its deepest", "sd64-s0/vae.safetensors", "noise", (6, 1)),
+          ("seed 1 after finetune, noise (7, 6)", "ft-sd64-s1/fixed.safetensors", "noise", (7, 6))]
+ZOOM = 2
+
+
+def load(path: Path):
+    return load_vae(path).model.float().eval()
+
+
+def touch(model, image01: torch.Tensor, cell) -> tuple[torch.Tensor, object]:
+    """(`[H, W]` |change| in 0..1 units, averaged over RGB, exact reach) of setting `cell` of the
+    posterior mean of `image01` `[1, 3, S, S]` to its neighbours' median."""
+    with torch.no_grad():
+        z = model.encode(image01 * 2 - 1)
+        reach, base, moved = measure_cells(model.decode, z, [cell], perturbation(z), None, 3, 3, 1, None)
+    return ((moved - base[0]).abs() / 2).mean(0), reach[0]
+
+
+def reach_picture(runs: Path) -> torch.Tensor:
+    probes = dict(zip(*reversed(probe_images((128,)))))
+    changes, tiles = [], []
+    for label, file, probe, cell in PANELS:
+        if not (runs / file).exists():
+            print(f"skipped: {label} ({runs / file} not found)")
+            continue
+        change, r = touch(load(runs / file), probes[f"probe:{probe}@128"], cell)
+        print(f"{label}: far {r.mean_far:.4f}, near {r.mean_near:.4f}, far/near {r.ratio:.2f}, max far {r.max_far:.4f}")
+        changes.append((label, cell, change))
+    vmax = max(float(c.max()) for _, _, c in changes)
+    for label, cell, change in changes:
+        pic = viz.mark_cells(viz.heatmap(change, "magma", 0.0, vmax, scale=ZOOM), [cell], 8, zoom=ZOOM)
+        tiles.append(viz.caption(pic, label))
+    grid = viz.tile_grid(tiles, per_row=len(tiles), gap=6)
+    return viz.with_colorbar(grid, "magma", 0.0, vmax, "|change| (0..1)")
+
+
+def verdict_picture(runs: Path) -> torch.Tensor:
+    result = inspect_vae(model_codec(load(runs / "sd64-s1/vae.safetensors"), "vae"), check_reach=True)
+    print(f"sd64-s1: {result.verdict.line()}")
+    return result.verdict_picture()
+
+
+def save_jpeg(img: torch.Tensor, path: Path, width: int) -> None:
+    from PIL import Image
+
+    im = Image.fromarray((img.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy())
+    if im.width > width:
+        im = im.resize((width, round(im.height * width / im.width)), Image.LANCZOS)
+    im.save(path, quality=88)
+    print(f"wrote {path} ({path.stat().st_size // 1024} KB)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs", type=Path, default=ROOT / "runs", help="folder of the run folders")
+    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "images", help="folder for the two pictures")
+    args = ap.parse_args()
+    save_jpeg(reach_picture(args.runs), args.out / "sd64_s1_reach.jpg", 1400)
+    save_jpeg(verdict_picture(args.runs), args.out / "sd64_s1_verdict.jpg", 1400)
+
+
+if __name__ == "__main__":
+    main()
