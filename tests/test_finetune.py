@@ -3,6 +3,7 @@ gone, the latent means barely move, the decoder is untouched, and the result loa
 Also: the shipped VAEs (trained here) load strictly and reconstruct held-out photos."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -16,7 +17,6 @@ from vae_fix.model import preset_config
 from vae_fix.probes import PHOTOS
 from vae_fix.train_data import load_images
 from vae_fix.train_eval import held_out_metrics
-
 
 
 def test_finetune_removes_a_planted_hole_and_keeps_the_latents(tmp_path):
@@ -37,6 +37,10 @@ def test_finetune_removes_a_planted_hole_and_keeps_the_latents(tmp_path):
     assert load_vae(path).config == cfg
     assert set(result.to_json()) >= {"before", "after", "drift", "floor", "history"}
     assert "after:  no black hole found" in result.summary()
+    assert "still reaches" not in result.summary()  # the planted cell does not reach far, before or after
+    far = {**result.after["reach_at_worst_cell"], "over_median": 51.2}  # as measured on sd64-s1's emergent hole
+    assert "still reaches 51.2x the median cell" in dataclasses.replace(result, after={**result.after,
+                                                                                     "reach_at_worst_cell": far}).summary()
 
 
 @pytest.mark.parametrize("path", shipped_models(), ids=lambda p: p.stem)

@@ -38,6 +38,7 @@ from .progress import ProgressFn, Steps
 from .result import Result
 from .train_data import centre_square, random_crops
 from .train_eval import model_reach_map, psnr
+from .verdict import FAR_REACH
 
 
 @dataclass(frozen=True)
@@ -84,10 +85,15 @@ class FinetuneResult(Result):
     def summary(self) -> str:
         d = self.drift
         decoded = "" if d["decoded_psnr_db"] is None else f"; decoded pictures {d['decoded_psnr_db']:.1f} dB from before"
-        return "\n".join([f"before: {_line(self.before)}", f"after:  {_line(self.after)}",
-                          f"latent means moved {d['mean_rms_over_std']:.4f} of their spread (rms), at most "
-                          f"{d['mean_max_abs']:.3g}{decoded}; log-variance floor {self.floor:.2f}; "
-                          f"{self.settings.steps} steps in {self.seconds:.0f} s"])
+        lines = [f"before: {_line(self.before)}", f"after:  {_line(self.after)}",
+                 f"latent means moved {d['mean_rms_over_std']:.4f} of their spread (rms), at most "
+                 f"{d['mean_max_abs']:.3g}{decoded}; log-variance floor {self.floor:.2f}; "
+                 f"{self.settings.steps} steps in {self.seconds:.0f} s"]
+        reach = self.after["reach_at_worst_cell"]
+        if reach is not None and reach["over_median"] >= FAR_REACH:  # measured on an emergent hole: it stays
+            lines.append(f"note: cell {tuple(reach['cell'])} still reaches {reach['over_median']:.1f}x the median "
+                         "cell: the frozen decoder still reads it across the picture; this lifts the collapse, not the reach")
+        return "\n".join(lines)
 
     def pictures(self) -> dict:
         return {"verdict_before": self.pictures_before, "verdict_after": self.pictures_after}
