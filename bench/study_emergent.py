@@ -7,6 +7,10 @@ writes `sd64_s1_verdict.jpg` (the Health Check on the 20 probes: where each coll
 neighbours' median, every panel on one colour scale), and prints each panel's exact reach. The
 panels: seed 1's deepest cells on `noise` and `chelsea`, an ordinary cell, seed 0's deepest `noise`
 cell, and seed 1's `noise` cell after `finetune` (RUNS/ft-sd64-s1/fixed.safetensors, when present).
+
+Then which path of the decoder carries each far change: the changed latent is decoded again with
+the GroupNorm statistics (some or all of them) and/or the attention's output held at what the
+unchanged latent gave them; what is left of the far change is what does not go through them.
 """
 from __future__ import annotations
 
@@ -15,6 +19,8 @@ import sys
 from pathlib import Path
 
 import torch
+from torch import nn
+from torch.nn import functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -23,6 +29,7 @@ from vae_fix import viz  # noqa: E402
 from vae_fix.codec import model_codec  # noqa: E402
 from vae_fix.inspect import inspect_vae  # noqa: E402
 from vae_fix.loader import load_vae  # noqa: E402
+from vae_fix.model import AttnBlock  # noqa: E402
 from vae_fix.probes import probe_images  # noqa: E402
 from vae_fix.reach_measure import measure_cells, perturbation  # noqa: E402
 
@@ -72,6 +79,64 @@ def verdict_picture(runs: Path) -> torch.Tensor:
     return result.verdict_picture()
 
 
+# (name, GroupNorms held: module-name prefixes or None for none, attention held)
+HELD = [("as is", None, False), ("every norm held", ("",), False), ("norm_out held", ("norm_out",), False),
+        ("mid-block norms held", ("mid.",), False), ("attention held", None, True), ("norms and attention held", ("",), True)]
+PATHS = [("sd64-s1/vae.safetensors", "noise", (7, 6)), ("sd64-s1/vae.safetensors", "chelsea", (6, 5)),
+         ("sd64-s1/vae.safetensors", "checkerboard", (1, 14)), ("sd64-s0/vae.safetensors", "noise", (6, 1))]
+
+
+class Held:
+    """Record every decoder GroupNorm's group statistics and every attention block's output on one
+    decode; on the next, reuse them where `norms` (module-name prefixes) and `attention` say."""
+
+    def __init__(self, decoder: nn.Module):
+        self.saved, self.recording, self.norms, self.attention = {}, True, None, False
+        for name, mod in decoder.named_modules():
+            if isinstance(mod, nn.GroupNorm):
+                mod.forward = self._norm(name, mod)
+            elif isinstance(mod, AttnBlock):
+                mod.forward = self._attention(name, mod, mod.forward)
+
+    def _norm(self, name, mod):
+        def forward(x):  # x [B, C, h, w]
+            groups = x.reshape(x.shape[0], mod.num_groups, -1)
+            if self.recording:
+                self.saved[name] = groups.mean(-1, keepdim=True), groups.var(-1, unbiased=False, keepdim=True)
+            elif self.norms is not None and name.startswith(self.norms):
+                mean, var = self.saved[name]
+                y = ((groups - mean) / torch.sqrt(var + mod.eps)).reshape(x.shape)
+                return y * mod.weight.view(1, -1, 1, 1) + mod.bias.view(1, -1, 1, 1)
+            return F.group_norm(x, mod.num_groups, mod.weight, mod.bias, mod.eps)
+        return forward
+
+    def _attention(self, name, mod, run):
+        def forward(x):
+            if not self.recording and self.attention:
+                return x + self.saved[name]
+            out = run(x)
+            if self.recording:
+                self.saved[name] = out - x
+            return out
+        return forward
+
+
+@torch.no_grad()
+def paths(runs: Path) -> None:
+    probes = dict(zip(*reversed(probe_images((128,)))))
+    for file, probe, cell in PATHS:
+        if not (runs / file).exists():
+            continue
+        model = load(runs / file)
+        held, z = Held(model.decoder), model.encode(probes[f"probe:{probe}@128"] * 2 - 1)
+        held.recording, base = True, model.decode(z)
+        held.recording, words = False, []
+        for name, held.norms, held.attention in HELD:  # one decode of the changed latent each
+            r = measure_cells(model.decode, z, [cell], perturbation(z), base, 3, 3, 1, None)[0][0]
+            words.append(f"{name} {r.mean_far:.4f}")
+        print(f"far change, {file.split('/')[0]} {probe} {cell}: " + "; ".join(words))
+
+
 def save_jpeg(img: torch.Tensor, path: Path, width: int) -> None:
     from PIL import Image
 
@@ -89,6 +154,7 @@ def main() -> None:
     args = ap.parse_args()
     save_jpeg(reach_picture(args.runs), args.out / "sd64_s1_reach.jpg", 1400)
     save_jpeg(verdict_picture(args.runs), args.out / "sd64_s1_verdict.jpg", 1400)
+    paths(args.runs)
 
 
 if __name__ == "__main__":
