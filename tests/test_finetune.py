@@ -39,8 +39,8 @@ def test_finetune_removes_a_planted_hole_and_keeps_the_latents(tmp_path):
     assert "after:  no black hole found" in result.summary()
     assert "still reaches" not in result.summary()  # the planted cell does not reach far, before or after
     far = {**result.after["reach_at_worst_cell"], "over_median": 51.2}  # as measured on sd64-s1's emergent hole
-    assert "still reaches 51.2x the median cell" in dataclasses.replace(result, after={**result.after,
-                                                                                     "reach_at_worst_cell": far}).summary()
+    still_far = dataclasses.replace(result, after={**result.after, "reach_at_worst_cell": far})
+    assert "still reaches 51.2x the median cell" in still_far.summary()
 
 
 @pytest.mark.parametrize("path", shipped_models(), ids=lambda p: p.stem)
