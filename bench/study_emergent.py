@@ -11,6 +11,13 @@ cell, and seed 1's `noise` cell after `finetune` (RUNS/ft-sd64-s1/fixed.safetens
 Then which path of the decoder carries each far change: the changed latent is decoded again with
 the GroupNorm statistics (some or all of them) and/or the attention's output held at what the
 unchanged latent gave them; what is left of the far change is what does not go through them.
+
+    python bench/study_emergent.py --runs runs --survey sd64-s2 [sd64-s0 ...]
+
+measures any run the same way, at cells its own probes pick: on each 128 px probe its deepest cell
+(the lowest raw log-variance over channels) and a cell of median depth, each set to its neighbours'
+median (exact reach), then what is left of the deepest cells' far change with every GroupNorm, or
+`norm_out` alone, held.
 """
 from __future__ import annotations
 
@@ -137,6 +144,31 @@ def paths(runs: Path) -> None:
         print(f"far change, {file.split('/')[0]} {probe} {cell}: " + "; ".join(words))
 
 
+@torch.no_grad()
+def survey(path: Path) -> None:
+    model, rows = load(path), []
+    print(f"{path}: per 128 px probe, deepest cell and a median-depth cell; far change, far/near, nats")
+    for image, name in zip(*probe_images((128,))):
+        x = image * 2 - 1
+        z, logvar = model.moments(x).split(model.config.latent_channels, dim=1)
+        low = logvar[0].min(0).values  # [h, w] lowest over channels
+        deepest = divmod(int(low.argmin()), low.shape[1])
+        ordinary = divmod(int((low - low.median()).abs().argmin()), low.shape[1])
+        held, z = Held(model.decoder), z.contiguous()
+        held.recording, base = True, model.decode(z)
+        held.recording = False
+        (deep, plain), _, _ = measure_cells(model.decode, z, [deepest, ordinary], perturbation(z), base, 3, 3, 1, None)
+        left = []
+        for held.norms in (("",), ("norm_out",)):
+            left.append(measure_cells(model.decode, z, [deepest], perturbation(z), base, 3, 3, 1, None)[0][0].mean_far)
+        held.norms = None
+        rows.append(deep.mean_far)
+        print(f"  {name[6:]:<20} deepest {deepest} {float(low[deepest]):6.1f} nats (median {float(low.median()):5.1f}): "
+              f"far {deep.mean_far:.4f} ({deep.ratio:.2f}); median-depth {ordinary} far {plain.mean_far:.4f} "
+              f"({plain.ratio:.2f}); every norm held {left[0]:.4f}, norm_out held {left[1]:.4f}")
+    print(f"  deepest cells' far change: median {sorted(rows)[len(rows) // 2]:.4f}, max {max(rows):.4f}")
+
+
 def save_jpeg(img: torch.Tensor, path: Path, width: int) -> None:
     from PIL import Image
 
@@ -151,7 +183,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=Path, default=ROOT / "runs", help="folder of the run folders")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "images", help="folder for the two pictures")
+    ap.add_argument("--survey", nargs="+", metavar="RUN", help="measure these runs' final models instead")
     args = ap.parse_args()
+    if args.survey:
+        for run in args.survey:
+            survey(args.runs / run / "vae.safetensors")
+        return
     save_jpeg(reach_picture(args.runs), args.out / "sd64_s1_reach.jpg", 1400)
     save_jpeg(verdict_picture(args.runs), args.out / "sd64_s1_verdict.jpg", 1400)
     paths(args.runs)

@@ -10,8 +10,9 @@ a higher KL weight, a log-variance floor penalty, extra latent noise and random 
 A run lives in one folder: `checkpoint.safetensors` (weights, optimiser moments, the data RNG and
 the history: no pickle) is rewritten atomically every `checkpoint_every` steps and on Ctrl-C;
 calling `train` again on the folder resumes where it stopped and gives the same weights as a run
-that never stopped (seeded; deterministic on CPU at one thread count: one and two threads round
-sums differently, and three steps already differ). `vae.safetensors` is the model in CompVis keys.
+that never stopped (seeded; deterministic on CPU at one thread count on one kind of machine: one
+and two threads round sums differently, three steps already differ, and the same run on a faster
+machine differed by step 400). `vae.safetensors` is the model in CompVis keys.
 """
 from __future__ import annotations
 
