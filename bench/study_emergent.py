@@ -156,11 +156,11 @@ def survey(path: Path) -> None:
         ordinary = divmod(int((low - low.median()).abs().argmin()), low.shape[1])
         held, z = Held(model.decoder), z.contiguous()
         held.recording, base = True, model.decode(z)
-        held.recording = False
-        (deep, plain), _, _ = measure_cells(model.decode, z, [deepest, ordinary], perturbation(z), base, 3, 3, 1, None)
+        held.recording, delta = False, perturbation(z)
+        (deep, plain), _, _ = measure_cells(model.decode, z, [deepest, ordinary], delta, base, 3, 3, 1, None)
         left = []
         for held.norms in (("",), ("norm_out",)):
-            left.append(measure_cells(model.decode, z, [deepest], perturbation(z), base, 3, 3, 1, None)[0][0].mean_far)
+            left.append(measure_cells(model.decode, z, [deepest], delta, base, 3, 3, 1, None)[0][0].mean_far)
         held.norms = None
         rows.append(deep.mean_far)
         print(f"  {name[6:]:<20} deepest {deepest} {float(low[deepest]):6.1f} nats (median {float(low.median()):5.1f}): "
