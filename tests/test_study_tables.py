@@ -56,6 +56,24 @@ def test_a_run_step_by_step_and_clear_refusals(tmp_path):
     assert empty.returncode == 2 and "no training records" in empty.stderr
 
 
+def test_the_trend_picture_draws_every_run_from_its_records(tmp_path):
+    script = ROOT / "bench" / "study_trend.py"
+    out = subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "trend.png")], capture_output=True,
+                         text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    runs = list((ROOT / "docs" / "study").glob("*.train.json"))
+    assert f"{len(runs)} runs" in out.stdout
+    import numpy as np
+    from PIL import Image
+    with Image.open(tmp_path / "trend.png") as im:
+        assert im.size == (1040, 366)
+        red = int((np.asarray(im.convert("RGB")) == (214, 39, 40)).all(axis=-1).sum())  # the 12k-step run
+        assert red > 500 if (ROOT / "docs" / "study" / "sd12k-s0.train.json").exists() else red == 0
+    empty = subprocess.run([sys.executable, str(script), "--records", str(tmp_path), "--out", str(tmp_path / "x.png")],
+                           capture_output=True, text=True, cwd=ROOT)
+    assert empty.returncode == 2 and "no training records" in empty.stderr and not (tmp_path / "x.png").exists()
+
+
 def test_the_study_script_trains_its_recipes_in_parallel_processes_and_tables_them(tmp_path):
     script = ROOT / "bench" / "black_hole_study.py"
     out = subprocess.run([sys.executable, str(script), "--out", str(tmp_path), "--recipes", "sd", "tanh", "--seeds", "3",
