@@ -64,7 +64,8 @@ def panel(lines, title: str, y_label: str, max_step: int, band=None) -> Image.Im
     for name, pts in lines:
         colour, width = COLOURS.get(name, FIX_GREY), 3 if name == "sd12k" else 2 if name in COLOURS else 1
         xy = [at(s, v) for s, v in pts]
-        draw.line(xy, fill=colour, width=width) if len(xy) > 1 else None
+        if len(xy) > 1:
+            draw.line(xy, fill=colour, width=width)
         for x, y in xy:
             draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
     draw.text((PANEL_W / 2, 8), title, fill="black", font=font(13), anchor="ma")

@@ -8,6 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "study_tables.py"
 
@@ -63,8 +66,6 @@ def test_the_trend_picture_draws_every_run_from_its_records(tmp_path):
     assert out.returncode == 0, out.stderr
     runs = list((ROOT / "docs" / "study").glob("*.train.json"))
     assert f"{len(runs)} runs" in out.stdout
-    import numpy as np
-    from PIL import Image
     with Image.open(tmp_path / "trend.png") as im:
         assert im.size == (1040, 366)
         red = int((np.asarray(im.convert("RGB")) == (214, 39, 40)).all(axis=-1).sum())  # the 12k-step run
