@@ -150,13 +150,25 @@ def trend_table(runs: dict[str, dict]) -> str:
         group = list(named.values())
         trends = [median_trend(r) for r in group]
         lasts = [(r["evals"][-1]["step"], r["evals"][-1]["logvar_median"]) for r in group]
-        linear = [step + 1000 * (SD_UPPER - m) / t for (step, m), (_, t) in zip(lasts, trends) if t < 0]
-        doubling = [step * 2 ** ((SD_UPPER - m) / d) for (step, m), (d, _) in zip(lasts, trends) if d < 0]
+        crossed = [crossing_step(r) for r in group]  # a run past -17 nats: where it crossed, not a forecast
+        linear = [c or step + 1000 * (SD_UPPER - m) / t for c, (step, m), (_, t) in zip(crossed, lasts, trends) if c or t < 0]
+        doubling = [c or step * 2 ** ((SD_UPPER - m) / d) for c, (step, m), (d, _) in zip(crossed, lasts, trends) if c or d < 0]
         rows.append([name, len(group), spread([d for d, _ in trends], ".2f"), spread([t for _, t in trends], ".2f"),
                      step_spread(linear), step_spread(doubling)])
     return markdown(["recipe", "seeds", "logvar median: nats per doubling of steps", "nats per 1000 steps, last three evals",
                      f"steps to {SD_UPPER:g} nats, last rate kept (median)", "the same, rate per doubling kept"],
                     rows)
+
+
+def crossing_step(run: dict) -> float | None:
+    """The step where the held-out median first fell past SD_UPPER, interpolated between evaluations; None if never."""
+    points = [(e["step"], e["logvar_median"]) for e in run["evals"]]
+    if points and points[0][1] <= SD_UPPER:
+        return points[0][0]
+    for (s0, m0), (s1, m1) in zip(points, points[1:]):
+        if m1 <= SD_UPPER < m0:
+            return s0 + (s1 - s0) * (m0 - SD_UPPER) / (m0 - m1)
+    return None
 
 
 def step_spread(steps: list[float]) -> str:
