@@ -149,15 +149,25 @@ def trend_table(runs: dict[str, dict]) -> str:
     for name, named in by_recipe(runs).items():
         group = list(named.values())
         trends = [median_trend(r) for r in group]
-        lasts = [(r["evals"][-1]["step"], r["evals"][-1]["logvar_median"]) for r in group]
-        crossed = [crossing_step(r) for r in group]  # a run past -17 nats: where it crossed, not a forecast
-        linear = [c or step + 1000 * (SD_UPPER - m) / t for c, (step, m), (_, t) in zip(crossed, lasts, trends) if c or t < 0]
-        doubling = [c or step * 2 ** ((SD_UPPER - m) / d) for c, (step, m), (d, _) in zip(crossed, lasts, trends) if c or d < 0]
+        to_sd = [steps_to_sd_level(r, trend) for r, trend in zip(group, trends)]
+        linear, doubling = ([s[k] for s in to_sd if s[k] is not None] for k in (0, 1))
         rows.append([name, len(group), spread([d for d, _ in trends], ".2f"), spread([t for _, t in trends], ".2f"),
                      step_spread(linear), step_spread(doubling)])
     return markdown(["recipe", "seeds", "logvar median: nats per doubling of steps", "nats per 1000 steps, last three evals",
                      f"steps to {SD_UPPER:g} nats, last rate kept (median)", "the same, rate per doubling kept"],
                     rows)
+
+
+def steps_to_sd_level(run: dict, trend: tuple[float, float]) -> tuple[float | None, float | None]:
+    """Steps until the median reaches SD_UPPER if (the last three's rate, the per-doubling rate) held; None where
+    that rate does not fall. A run already past it gets where it crossed, for both: no forecast is needed."""
+    crossed = crossing_step(run)
+    if crossed is not None:
+        return crossed, crossed
+    (per_doubling, per_1000), last = trend, run["evals"][-1]
+    step, gap = last["step"], SD_UPPER - last["logvar_median"]
+    return (step + 1000 * gap / per_1000 if per_1000 < 0 else None,
+            step * 2 ** (gap / per_doubling) if per_doubling < 0 else None)
 
 
 def crossing_step(run: dict) -> float | None:

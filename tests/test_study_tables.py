@@ -59,7 +59,6 @@ def test_a_run_step_by_step_and_clear_refusals(tmp_path):
     assert empty.returncode == 2 and "no training records" in empty.stderr
 
 
-
 def test_a_run_past_sds_level_is_given_where_it_crossed_not_a_forecast(tmp_path):
     medians = {2000: -2.0, 4000: -18.0, 8000: -24.0}  # crosses -17 at 3875; its last rate would say about 6k
     record = {"evals": [{"step": s, "psnr": {"128": {"mean": 20.0}, "256": {"mean": 21.0}}, "logvar_median": m,
@@ -72,6 +71,7 @@ def test_a_run_past_sds_level_is_given_where_it_crossed_not_a_forecast(tmp_path)
     assert out.returncode == 0, out.stderr
     trend = next(line for line in out.stdout.strip().split("\n\n")[2].splitlines() if line.startswith("| sd12k |"))
     assert trend.endswith("| 4k | 4k |"), trend
+
 
 def test_the_trend_picture_draws_every_run_from_its_records(tmp_path):
     script = ROOT / "bench" / "study_trend.py"
